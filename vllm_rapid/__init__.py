@@ -1,0 +1,6 @@
+"""vllm-rapid: RAPID-Serve for vLLM — prefill and decode as concurrent lanes on one GPU, sharing one KV cache.
+
+Kept import-light on purpose: the ``.pth`` start-up hook imports ``vllm_rapid._autoload`` in every Python process.
+"""
+
+__version__ = "0.1.0"

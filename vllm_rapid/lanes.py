@@ -1,0 +1,109 @@
+"""A lane: one worker thread that runs submitted work in order, inside the lane's execution context.
+
+Independent of vLLM on purpose, so partition backends and benchmarks reuse it. On CPU the lane's thread is the
+concurrency (torch CPU kernels release the GIL); on a GPU each lane also enters its own stream context (a
+green-context stream, a CU-masked stream, or a plain stream), chosen per submission so the ARM can move a lane
+between partitions from one step to the next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, ContextManager
+
+ContextFactory = Callable[[], ContextManager[Any]]
+
+
+@dataclass(frozen=True)
+class LaneEvent:
+    """One unit of work as the lane ran it (monotonic seconds)."""
+
+    lane: str
+    label: str
+    start: float
+    end: float
+    num_tokens: int = 0
+
+
+class Lane:
+    """Runs callables one at a time on a dedicated thread and returns futures."""
+
+    def __init__(
+        self,
+        name: str,
+        context: ContextFactory | None = None,
+        thread_init: Callable[[], None] | None = None,
+        record_events: bool = False,
+    ) -> None:
+        self.name = name
+        self._default_context = context or contextlib.nullcontext
+        self._thread_init = thread_init
+        self._queue: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
+        self._pending = 0
+        self._lock = threading.Lock()
+        self.events: list[LaneEvent] | None = [] if record_events else None
+        self._thread = threading.Thread(target=self._run, name=f"rapid-lane-{name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        """True while submitted work has not finished."""
+        with self._lock:
+            return self._pending > 0
+
+    def submit(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        label: str = "",
+        num_tokens: int = 0,
+        context: ContextFactory | None = None,
+        **kwargs: Any,
+    ) -> Future:
+        """Queue ``fn(*args, **kwargs)`` to run on this lane; the future holds its result or exception."""
+        future: Future = Future()
+        with self._lock:
+            self._pending += 1
+        self._queue.put((future, fn, args, kwargs, label, num_tokens, context or self._default_context))
+        return future
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Submit and wait: the caller blocks, the work still runs in the lane's thread and context."""
+        return self.submit(fn, *args, **kwargs).result()
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Finish queued work, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        if self._thread_init is not None:
+            self._thread_init()
+        while (item := self._queue.get()) is not None:
+            future, fn, args, kwargs, label, num_tokens, context = item
+            if future.set_running_or_notify_cancel():
+                start = time.monotonic()
+                try:
+                    with context():
+                        result = fn(*args, **kwargs)
+                except BaseException as exc:  # handed to the waiter, never lost in the thread
+                    self._finish(label, start, num_tokens)
+                    future.set_exception(exc)
+                    continue
+                self._finish(label, start, num_tokens)
+                future.set_result(result)
+            else:
+                with self._lock:
+                    self._pending -= 1
+
+    def _finish(self, label: str, start: float, num_tokens: int) -> None:
+        if self.events is not None:
+            self.events.append(LaneEvent(self.name, label, start, time.monotonic(), num_tokens))
+        with self._lock:
+            self._pending -= 1
