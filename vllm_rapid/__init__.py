@@ -4,3 +4,10 @@ Kept import-light on purpose: the ``.pth`` start-up hook imports ``vllm_rapid._a
 """
 
 __version__ = "0.1.0"
+
+
+def enable() -> None:
+    """Make ``scheduler="rapid"`` and ``--scheduler`` known now (for processes started with VLLM_RAPID_AUTOLOAD=0)."""
+    from vllm_rapid.plugin import register
+
+    register()

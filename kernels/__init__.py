@@ -1,0 +1,1 @@
+"""GPU kernels used to check the partitioning (importable without a GPU or Triton)."""

@@ -1,0 +1,412 @@
+"""Partition backends: unit arithmetic, AMD CU masks, split rounding, backend selection (CPU), SM probe (GPU)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import types
+
+import pytest
+import torch
+
+from vllm_rapid.lanes import Lane
+from vllm_rapid.partition import PartitionBackend, Split, create_partition_backend
+from vllm_rapid.partition import select
+from vllm_rapid.partition.amd import (
+    MI300X_CUS,
+    MI300X_XCDS,
+    balanced_mask,
+    complementary_masks,
+    cus_per_xcd,
+    infer_xcd_count,
+    mask_words,
+)
+from vllm_rapid.partition.base import candidate_units, plan_decode_units, round_units
+from vllm_rapid.partition.fallback import ThreadsBackend
+from vllm_rapid.partition.nvidia import FINE_SM_GRANULARITY, SM_GRANULARITY
+
+H200_SMS = 132
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+class FakeBackend(PartitionBackend):
+    """Pre-created splits without any device behind them."""
+
+    name = "fake"
+
+    def __init__(self, total: int, decode_units: list[int]) -> None:
+        super().__init__(total)
+        for units in decode_units:
+            self._register(Split(units, total - units, total, False), contextlib.nullcontext, contextlib.nullcontext)
+        self._register(self.full_split(), contextlib.nullcontext, contextlib.nullcontext)
+
+    def close(self) -> None:
+        self._contexts.clear()
+
+
+# --- unit rounding (shared by green contexts and CU masks) ---
+
+
+@pytest.mark.parametrize(
+    ("requested", "expected"), [(33, 40), (66, 72), (40, 40), (1, 8), (0, 8), (128, 120), (500, 120)]
+)
+def test_round_units_rounds_up_to_granularity_and_leaves_prefill_a_granule(requested, expected):
+    assert round_units(requested, SM_GRANULARITY, H200_SMS) == expected
+
+
+def test_round_units_rejects_a_device_too_small_to_split():
+    with pytest.raises(ValueError, match="cannot be split"):
+        round_units(4, 8, 12)
+
+
+def test_candidate_units_are_rounded_unique_and_sorted():
+    assert candidate_units(H200_SMS, SM_GRANULARITY) == [40, 56, 72, 88, 104]
+    assert candidate_units(H200_SMS, SM_GRANULARITY, (0.25, 0.26, 0.5)) == [40, 72]
+
+
+def test_plan_decode_units_honours_requests_and_fine_granularity():
+    assert plan_decode_units(H200_SMS, SM_GRANULARITY, [33, 34, 66]) == [40, 72]
+    assert plan_decode_units(H200_SMS, FINE_SM_GRANULARITY, [33, 34, 66]) == [34, 66]
+    assert plan_decode_units(H200_SMS, SM_GRANULARITY) == candidate_units(H200_SMS, SM_GRANULARITY)
+
+
+# --- AMD CU masks ---
+
+
+def test_mi300x_candidates_are_balanced_across_xcds_and_complementary():
+    full = (1 << MI300X_CUS) - 1
+    for cus in plan_decode_units(MI300X_CUS, MI300X_XCDS):
+        decode, prefill = complementary_masks(cus, MI300X_CUS, MI300X_XCDS)
+        assert decode & prefill == 0 and decode | prefill == full
+        assert cus_per_xcd(decode, MI300X_XCDS) == [cus // MI300X_XCDS] * MI300X_XCDS
+        assert cus_per_xcd(prefill, MI300X_XCDS) == [(MI300X_CUS - cus) // MI300X_XCDS] * MI300X_XCDS
+
+
+def test_decode_cus_round_to_a_multiple_of_the_xcd_count():
+    assert plan_decode_units(MI300X_CUS, MI300X_XCDS, [1, 37, 40, 303]) == [8, 40, 296]
+    decode, prefill = complementary_masks(296, MI300X_CUS, MI300X_XCDS)
+    assert min(cus_per_xcd(prefill, MI300X_XCDS)) == 1  # the smallest prefill side still has every XCD
+
+
+def test_unbalanced_or_xcd_starving_masks_are_refused():
+    with pytest.raises(ValueError, match="balanced"):
+        balanced_mask(12, MI300X_XCDS)
+    with pytest.raises(ValueError, match="without CUs"):
+        complementary_masks(MI300X_CUS, MI300X_CUS, MI300X_XCDS)
+
+
+def test_mask_words_pack_32_cus_per_word_low_word_first():
+    words = mask_words((1 << MI300X_CUS) - 1, MI300X_CUS)
+    assert len(words) == 10 and words[:9] == [0xFFFFFFFF] * 9 and words[9] == 0xFFFF
+    assert mask_words(balanced_mask(40, MI300X_XCDS), MI300X_CUS) == [0xFFFFFFFF, 0xFF] + [0] * 8
+    assert mask_words(1 << 33, 64) == [0, 2]
+
+
+@pytest.mark.parametrize(
+    ("arch", "cus", "xcds"),
+    [("gfx942:sramecc+:xnack-", 304, 8), ("gfx942", 228, 6), ("gfx942", 38, 1), ("gfx950", 256, 8), ("gfx90a", 110, 1)],
+)
+def test_infer_xcd_count(arch, cus, xcds):
+    assert infer_xcd_count(arch, cus) == xcds
+
+
+# --- the backend interface ---
+
+
+def test_splits_are_ordered_and_end_with_full_overlap():
+    backend = FakeBackend(H200_SMS, [72, 40])
+    assert [s.decode_units for s in backend.splits()] == [40, 72, H200_SMS]
+    assert backend.splits()[-1] == Split.full(H200_SMS) and backend.splits()[-1].full_overlap
+    assert backend.splits()[0].label == "P70-D30" and Split.full(H200_SMS).label == "P100-D100"
+
+
+def test_round_split_picks_the_nearest_precreated_split_at_or_above(caplog):
+    backend = FakeBackend(H200_SMS, [40, 72])
+    with caplog.at_level(logging.INFO, logger="vllm_rapid.partition.base"):
+        assert backend.round_split(33).decode_units == 40
+        assert backend.round_split(33).decode_units == 40
+        assert backend.round_split(40).decode_units == 40
+        assert backend.round_split(50).decode_units == 72
+        assert backend.round_split(100) == backend.full_split()
+    rounding_logs = [r.getMessage() for r in caplog.records]
+    assert len(rounding_logs) == 3  # 33 once, 50, 100; never the exact 40
+    assert "33 decode units requested, using 40" in rounding_logs[0]
+
+
+def test_lane_contexts_refuse_a_split_that_was_not_precreated():
+    backend = FakeBackend(H200_SMS, [40])
+    with pytest.raises(ValueError, match="not pre-created"):
+        backend.lane_contexts(Split(48, 84, H200_SMS, False))
+
+
+def test_threads_backend_runs_lanes_on_cpu():
+    backend = ThreadsBackend()
+    assert backend.total_units == os.cpu_count()
+    assert backend.splits() == [Split.full(backend.total_units)]
+    decode, prefill = backend.lane_contexts(backend.full_split())
+    lanes = [Lane("decode", decode), Lane("prefill", prefill)]
+    try:
+        assert [lane.run(lambda x: x + 1, i) for i, lane in enumerate(lanes)] == [1, 2]
+    finally:
+        for lane in lanes:
+            lane.close()
+        backend.close()
+
+
+# --- selection ---
+
+
+def test_auto_on_cpu_selects_threads():
+    backend = create_partition_backend("auto", "cpu")
+    assert backend.name == "threads"
+    assert create_partition_backend("threads", "cpu").name == "threads"
+
+
+@pytest.mark.parametrize("name", ["green_context", "cu_mask", "streams"])
+def test_gpu_backend_requested_on_cpu_is_a_clear_error(name):
+    with pytest.raises(ValueError, match=rf"partition_backend='{name}' cannot run on this device \(cpu\)"):
+        create_partition_backend(name, "cpu")
+
+
+def test_unknown_device_kind_is_an_error():
+    with pytest.raises(ValueError, match="device_kind"):
+        create_partition_backend("auto", "tpu")
+
+
+def test_cu_mask_on_nvidia_is_an_error(monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.version, "hip", None)
+    with pytest.raises(ValueError, match="nvidia"):
+        create_partition_backend("cu_mask", "cuda")
+
+
+def test_start_up_failure_falls_back_to_streams_with_one_warning(monkeypatch, caplog):
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.version, "hip", None)
+    tried = []
+
+    def fake_create(name, device_index, decode_units):
+        tried.append(name)
+        if name == "green_context":
+            raise ImportError("No module named 'cuda.bindings'")
+        return FakeBackend(H200_SMS, [])
+
+    monkeypatch.setattr(select, "_create", fake_create)
+    with caplog.at_level(logging.WARNING, logger="vllm_rapid.partition.select"):
+        backend = create_partition_backend("auto", "cuda")
+    assert tried == ["green_context", "streams"] and backend.splits() == [Split.full(H200_SMS)]
+    (record,) = caplog.records
+    assert "'green_context' failed to start" in record.getMessage()
+    assert "No module named 'cuda.bindings'" in record.getMessage() and "'streams'" in record.getMessage()
+
+
+def test_gpu_modules_import_without_their_bindings():
+    import kernels.sm_probe  # noqa: F401
+    import vllm_rapid.partition.amd  # noqa: F401
+    import vllm_rapid.partition.nvidia  # noqa: F401
+
+
+def test_sm_probe_result_disjointness():
+    from kernels.sm_probe import SmProbeResult
+
+    assert SmProbeResult({"decode": frozenset({0, 1}), "prefill": frozenset({2, 3})}).disjoint
+    assert not SmProbeResult({"decode": frozenset({0, 1}), "prefill": frozenset({1, 2})}).disjoint
+
+
+# --- backend construction against fake device APIs (the real ones need a GPU) ---
+
+
+@pytest.fixture
+def fake_torch_cuda(monkeypatch):
+    """Enough of torch.cuda for a backend to build its streams on a CPU-only torch."""
+    monkeypatch.setattr(torch.cuda, "init", lambda: None)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    monkeypatch.setattr(torch.cuda, "ExternalStream", lambda handle, device=None: ("external", handle))
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None, priority=0: ("stream", priority))
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext(stream))
+
+
+class FakeDriver:
+    """cuda.bindings.driver for the green-context recipe: splits round up to 8 SMs, the rest is the remainder."""
+
+    CUresult = types.SimpleNamespace(CUDA_SUCCESS=0, CUDA_ERROR_INVALID_VALUE=1)
+    CUdevResourceType = types.SimpleNamespace(CU_DEV_RESOURCE_TYPE_SM=1)
+    CUdevSmResourceSplit_flags = types.SimpleNamespace(CU_DEV_SM_RESOURCE_SPLIT_IGNORE_SM_COSCHEDULING=1)
+    CUgreenCtxCreate_flags = types.SimpleNamespace(CU_GREEN_CTX_DEFAULT_STREAM=1)
+    CUstream_flags = types.SimpleNamespace(CU_STREAM_NON_BLOCKING=1)
+
+    def __init__(self, total_sms=H200_SMS, fail_on_green_ctx=None):
+        self.total_sms, self.fail_on_green_ctx = total_sms, fail_on_green_ctx
+        self.splits, self.greens, self.streams, self.destroyed = [], [], [], []
+
+    @staticmethod
+    def _sms(n):
+        return types.SimpleNamespace(sm=types.SimpleNamespace(smCount=n))
+
+    def cuInit(self, flags):
+        return (0,)
+
+    def cuDeviceGet(self, index):
+        return 0, f"dev{index}"
+
+    def cuDeviceGetDevResource(self, device, kind):
+        return 0, self._sms(self.total_sms)
+
+    def cuCtxGetStreamPriorityRange(self):
+        return 0, 0, -5
+
+    def cuDevSmResourceSplitByCount(self, groups, resource, flags, min_count):
+        granularity = 2 if flags else 8
+        n = -(-min_count // granularity) * granularity
+        self.splits.append((groups, resource.sm.smCount, flags, min_count))
+        return 0, [self._sms(n)], 1, self._sms(resource.sm.smCount - n)
+
+    def cuDevResourceGenerateDesc(self, resources, count):
+        return 0, ("desc", resources[0].sm.smCount)
+
+    def cuGreenCtxCreate(self, desc, device, flags):
+        if len(self.greens) == self.fail_on_green_ctx:
+            return (1, None)
+        self.greens.append(desc)
+        return 0, f"green{len(self.greens)}"
+
+    def cuGreenCtxStreamCreate(self, green, flags, priority):
+        self.streams.append((green, priority))
+        return 0, 1000 + len(self.streams)
+
+    def cuStreamDestroy(self, stream):
+        self.destroyed.append(stream)
+        return (0,)
+
+    def cuGreenCtxDestroy(self, green):
+        self.destroyed.append(green)
+        return (0,)
+
+    def cuGetErrorName(self, err):
+        return 0, b"CUDA_ERROR_INVALID_VALUE"
+
+
+def install_driver(monkeypatch, driver):
+    bindings = types.ModuleType("cuda.bindings")
+    bindings.driver = driver
+    monkeypatch.setitem(sys.modules, "cuda", types.ModuleType("cuda"))
+    monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
+
+
+def test_green_context_pairs_come_from_one_split_each(monkeypatch, fake_torch_cuda):
+    from vllm_rapid.partition.nvidia import GreenContextBackend
+
+    driver = FakeDriver()
+    install_driver(monkeypatch, driver)
+    backend = GreenContextBackend(decode_sms=[33, 66])
+    assert backend.splits() == [Split(40, 92, 132, False), Split(72, 60, 132, False), Split.full(132)]
+    # One split call per pair on the whole device; decode gets the group, prefill the remainder.
+    assert driver.splits == [(1, 132, 0, 40), (1, 132, 0, 72)]
+    assert driver.greens == [("desc", 40), ("desc", 92), ("desc", 72), ("desc", 60)]
+    assert [priority for _, priority in driver.streams] == [-5, 0, -5, 0]  # decode streams at the top priority
+    with backend.lane_contexts(backend.splits()[0])[0]() as stream:
+        assert stream == ("external", 1001)
+    backend.close()
+    assert driver.destroyed == [1004, "green4", 1003, "green3", 1002, "green2", 1001, "green1"]
+    assert backend.splits() == []
+
+
+def test_green_context_fine_granularity_uses_the_coscheduling_flag(monkeypatch, fake_torch_cuda):
+    from vllm_rapid.partition.nvidia import GreenContextBackend
+
+    driver = FakeDriver()
+    install_driver(monkeypatch, driver)
+    backend = GreenContextBackend(decode_sms=[33], fine_grained=True)
+    assert driver.splits == [(1, 132, 1, 34)] and backend.splits()[0].decode_units == 34
+
+
+def test_green_context_failure_names_the_call_and_releases_what_was_made(monkeypatch, fake_torch_cuda):
+    from vllm_rapid.partition.nvidia import GreenContextBackend, GreenContextError
+
+    driver = FakeDriver(fail_on_green_ctx=2)
+    install_driver(monkeypatch, driver)
+    with pytest.raises(GreenContextError, match="cuGreenCtxCreate failed: CUDA_ERROR_INVALID_VALUE"):
+        GreenContextBackend(decode_sms=[40, 72])
+    assert driver.destroyed == [1002, "green2", 1001, "green1"]
+
+
+class FakeHipStreams:
+    """Records the mask words of each created stream instead of calling HIP."""
+
+    via = "fake"
+
+    def __init__(self):
+        self.created, self.destroyed = [], False
+
+    def create(self, words):
+        self.created.append(words)
+        return len(self.created)
+
+    def destroy_all(self):
+        self.destroyed = True
+
+
+def test_cu_mask_backend_creates_balanced_complementary_streams(monkeypatch, fake_torch_cuda):
+    from vllm_rapid.partition import amd
+
+    props = types.SimpleNamespace(multi_processor_count=MI300X_CUS, gcnArchName="gfx942:sramecc+:xnack-")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    hip = FakeHipStreams()
+    monkeypatch.setattr(amd, "_HipStreams", lambda: hip)
+    backend = amd.CuMaskBackend()
+    assert [s.decode_units for s in backend.splits()] == [80, 120, 152, 192, 232, MI300X_CUS]
+    for index, units in enumerate([80, 120, 152, 192, 232]):
+        decode, prefill = complementary_masks(units, MI300X_CUS, MI300X_XCDS)
+        assert hip.created[2 * index] == mask_words(decode, MI300X_CUS)
+        assert hip.created[2 * index + 1] == mask_words(prefill, MI300X_CUS)
+    with backend.lane_contexts(backend.splits()[0])[1]() as stream:
+        assert stream == ("external", 2)
+    backend.close()
+    assert hip.destroyed
+
+
+def test_cu_mask_without_hip_python_falls_back_to_ctypes(monkeypatch):
+    from vllm_rapid.partition import amd
+
+    monkeypatch.setitem(sys.modules, "hip", None)  # import fails, as without hip-python
+    assert amd._working_hip_python() is None
+
+
+# --- on a GPU ---
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_partitions_are_disjoint_and_within_their_size():
+    from kernels.sm_probe import probe_lane_sms
+
+    backend = create_partition_backend("auto", "cuda")
+    try:
+        for split in backend.splits():
+            decode, prefill = backend.lane_contexts(split)
+            result = probe_lane_sms({"decode": decode, "prefill": prefill})
+            if not split.full_overlap:
+                assert result.disjoint, split
+                assert len(result.sm_sets["decode"]) <= split.decode_units
+                assert len(result.sm_sets["prefill"]) <= split.prefill_units
+    finally:
+        backend.close()
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_lanes_run_torch_work_on_every_split():
+    backend = create_partition_backend("auto", "cuda")
+    lanes = [Lane("decode"), Lane("prefill")]
+    try:
+        x = torch.randn(512, 512, device="cuda")
+        for split in backend.splits():
+            for lane, context in zip(lanes, backend.lane_contexts(split)):
+                out = lane.submit(lambda: (x @ x).sum().item(), context=context).result()
+                assert out == pytest.approx((x @ x).sum().item(), rel=1e-3)
+    finally:
+        for lane in lanes:
+            lane.close()
+        backend.close()

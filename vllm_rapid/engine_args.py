@@ -1,0 +1,166 @@
+"""``--scheduler {default,rapid}``, ``scheduler: rapid`` in YAML configs, and ``LLM(model, scheduler="rapid")``.
+
+vLLM has ``scheduler_cls`` (a class path); users want a name. Three narrow patches on ``EngineArgs`` add it:
+
+* ``__init__`` accepts ``scheduler=NAME`` (``LLM(**kwargs)`` builds EngineArgs before plugins load, which is why
+  the package's start-up hook applies these patches as soon as vLLM's arg_utils is imported);
+* ``add_cli_args`` adds the exact option ``--scheduler`` (today only a prefix of ``--scheduler-cls``), which vLLM's
+  ``--config`` YAML loader turns ``scheduler: rapid`` into;
+* ``create_engine_config`` completes a RAPID configuration: the lane worker, synchronous engine steps, the V1 model
+  runner, and a clear error for each feature the lanes do not support yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+from types import ModuleType
+from typing import Any
+
+SCHEDULERS: dict[str, str | None] = {
+    "default": None,
+    "rapid": "vllm_rapid.scheduler.RapidScheduler",
+}
+RAPID_SCHEDULER = SCHEDULERS["rapid"]
+RAPID_WORKER = "vllm_rapid.worker.RapidWorker"
+_PATCHED = "_vllm_rapid_patched"
+
+
+class UnknownSchedulerError(ValueError):
+    """The scheduler name is not one of SCHEDULERS."""
+
+
+def resolve_scheduler(name: str) -> str | None:
+    """Map a scheduler name to vLLM's ``scheduler_cls`` value (None: vLLM's own)."""
+    if name not in SCHEDULERS:
+        raise UnknownSchedulerError(f"unknown scheduler {name!r}; valid schedulers: {', '.join(SCHEDULERS)}")
+    return SCHEDULERS[name]
+
+
+def is_rapid(scheduler_cls: Any) -> bool:
+    """True for the rapid scheduler given by name-resolved path or as a class (a subclass counts)."""
+    if scheduler_cls is None or isinstance(scheduler_cls, str):
+        return scheduler_cls == RAPID_SCHEDULER
+    from vllm_rapid.scheduler import RapidScheduler
+
+    return isinstance(scheduler_cls, type) and issubclass(scheduler_cls, RapidScheduler)
+
+
+def patch_engine_args(arg_utils: ModuleType) -> None:
+    """Apply the three patches to a loaded ``vllm.engine.arg_utils`` (idempotent)."""
+    engine_args = arg_utils.EngineArgs
+    if getattr(engine_args, _PATCHED, False):
+        return
+    for cls in (engine_args, arg_utils.AsyncEngineArgs):
+        cls.__init__ = _accept_scheduler_name(cls.__init__)
+    engine_args.add_cli_args = staticmethod(_add_scheduler_option(engine_args.add_cli_args))
+    engine_args.create_engine_config = _complete_rapid_config(engine_args.create_engine_config)
+    setattr(engine_args, _PATCHED, True)
+
+
+def _accept_scheduler_name(init):
+    @functools.wraps(init)
+    def __init__(self, *args: Any, scheduler: str | None = None, **kwargs: Any) -> None:
+        if scheduler is not None:
+            if kwargs.get("scheduler_cls") is not None:
+                raise ValueError("pass either scheduler= (a name) or scheduler_cls= (a class path), not both")
+            kwargs["scheduler_cls"] = resolve_scheduler(scheduler)
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+def _scheduler_name(name: str) -> str | None:
+    try:
+        return resolve_scheduler(name)
+    except UnknownSchedulerError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_scheduler_option(add_cli_args):
+    @functools.wraps(add_cli_args)
+    def add_cli_args_with_scheduler(parser, *args: Any, **kwargs: Any):
+        parser = add_cli_args(parser, *args, **kwargs)
+        if "--scheduler" in parser._option_string_actions:
+            return parser
+        group = next((g for g in parser._action_groups if g.title == "SchedulerConfig"), parser)
+        group.add_argument(
+            "--scheduler",
+            dest="scheduler_cls",
+            type=_scheduler_name,
+            default=argparse.SUPPRESS,
+            metavar="{" + ",".join(SCHEDULERS) + "}",
+            help="Scheduler by name: 'rapid' runs prefill and decode as concurrent lanes sharing one KV cache "
+            "(vllm-rapid); 'default' is vLLM's own. Shorthand for --scheduler-cls.",
+        )
+        return parser
+
+    return add_cli_args_with_scheduler
+
+
+def _complete_rapid_config(create_engine_config):
+    @functools.wraps(create_engine_config)
+    def create_engine_config_with_rapid(self, *args: Any, **kwargs: Any):
+        if not is_rapid(self.scheduler_cls):
+            return create_engine_config(self, *args, **kwargs)
+        _prepare_rapid_args(self)
+        config = create_engine_config(self, *args, **kwargs)
+        check_rapid_config(config)
+        return config
+
+    return create_engine_config_with_rapid
+
+
+def _prepare_rapid_args(engine_args: Any) -> None:
+    """Settings RAPID needs before vLLM derives the rest of its configuration from them."""
+    if engine_args.worker_cls not in ("auto", RAPID_WORKER):
+        raise ValueError(
+            f"--scheduler rapid runs its own worker ({RAPID_WORKER}); it cannot be combined with "
+            f"--worker-cls {engine_args.worker_cls}"
+        )
+    engine_args.worker_cls = RAPID_WORKER
+    if engine_args.async_scheduling:
+        raise ValueError("--scheduler rapid overlaps prefill and decode itself; drop --async-scheduling")
+    engine_args.async_scheduling = False  # the prefill lane is the overlap; engine steps stay synchronous
+    _unbind_cpu_omp_threads()
+    if os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("0", "false", "False"):
+        raise ValueError("--scheduler rapid needs vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER")
+
+
+def _unbind_cpu_omp_threads() -> None:
+    """On CPU the lanes are two threads each running OpenMP regions; vLLM's per-rank OpenMP core binding
+    (OMP_PLACES + OMP_PROC_BIND) corrupts the heap when two teams run at once, so RAPID asks for none."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    bind = os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    if bind != "nobind":
+        raise ValueError(
+            f"--scheduler rapid on CPU runs two OpenMP lanes and needs VLLM_CPU_OMP_THREADS_BIND=nobind, got {bind!r}"
+        )
+
+
+def check_rapid_config(config: Any) -> None:
+    """Refuse, with a clear message, configurations the lanes do not support yet."""
+    from vllm_rapid.config import RapidConfig
+
+    RapidConfig.from_sources(config.additional_config)  # bad RAPID options fail here, before any process starts
+    parallel = config.parallel_config
+    unsupported = {
+        "pipeline parallelism (--pipeline-parallel-size > 1)": parallel.pipeline_parallel_size > 1,
+        "tensor parallelism (--tensor-parallel-size > 1): each lane needs its own communicator":
+            parallel.tensor_parallel_size > 1,
+        "data parallelism (--data-parallel-size > 1)": parallel.data_parallel_size > 1,
+        "dual-batch overlap (--enable-dbo)": bool(getattr(parallel, "enable_dbo", False)),
+        "speculative decoding": config.speculative_config is not None,
+        "KV transfer connectors": config.kv_transfer_config is not None,
+        "LoRA adapters": config.lora_config is not None,
+        "multimodal models": bool(config.model_config.is_multimodal_model),
+        "hybrid (Mamba) models": bool(getattr(config.model_config, "is_hybrid", False)),
+        "pooling models": config.model_config.runner_type == "pooling",
+    }
+    refused = [name for name, hit in unsupported.items() if hit]
+    if refused:
+        raise ValueError(f"--scheduler rapid does not support {'; '.join(refused)} yet")

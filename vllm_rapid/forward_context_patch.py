@@ -1,0 +1,66 @@
+"""Make vLLM's forward context thread-local, so two lanes can run forward passes at the same time.
+
+``vllm/forward_context.py`` keeps the current ForwardContext in a module global: a second lane thread entering
+``set_forward_context`` would overwrite the first lane's attention metadata mid-forward. The upstreamable fix is
+``patches/0001-thread-local-forward-context.diff``. At run time the same change is applied by giving the three
+functions that touch the global the code of the thread-local versions below; their identity is kept, so every
+``from vllm.forward_context import get_forward_context`` already made elsewhere sees the change too.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Generator
+from typing import Any
+
+from vllm_rapid.versions import require_supported_vllm
+
+_forward_context_tls = threading.local()
+
+
+def get_forward_context() -> Any:
+    """Get the current forward context."""
+    forward_context = getattr(_forward_context_tls, "value", None)
+    assert forward_context is not None, (
+        "Forward context is not set. Please use `set_forward_context` to set the forward context."
+    )
+    return forward_context
+
+
+def is_forward_context_available() -> bool:
+    return getattr(_forward_context_tls, "value", None) is not None
+
+
+def override_forward_context(forward_context: Any) -> Generator[None, None, None]:
+    prev_context = getattr(_forward_context_tls, "value", None)
+    _forward_context_tls.value = forward_context
+    try:
+        yield
+    finally:
+        _forward_context_tls.value = prev_context
+
+
+def apply_thread_local_forward_context() -> bool:
+    """Patch the loaded vLLM once; return True if this call changed it. Refuses vLLM versions it was not made for."""
+    import vllm.forward_context as fc
+
+    if getattr(fc, "_forward_context_tls", None) is _forward_context_tls:
+        return False
+    require_supported_vllm("the thread-local forward-context patch")
+    targets = {
+        fc.get_forward_context: get_forward_context,
+        fc.is_forward_context_available: is_forward_context_available,
+        fc.override_forward_context.__wrapped__: override_forward_context,
+    }
+    for target in targets:
+        if "_forward_context" not in target.__code__.co_names:
+            raise RuntimeError(
+                f"vllm.forward_context.{target.__name__} no longer reads the module global this patch replaces; "
+                "update vllm-rapid's forward-context patch for this vLLM version"
+            )
+    fc._forward_context_tls = _forward_context_tls
+    # Carry over a context set before the patch (none is, outside a forward pass).
+    _forward_context_tls.value = fc._forward_context
+    for target, replacement in targets.items():
+        target.__code__ = replacement.__code__
+    return True

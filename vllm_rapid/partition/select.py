@@ -1,0 +1,89 @@
+"""Pick the partition backend for this device, honouring RapidConfig.partition_backend.
+
+An explicitly requested backend that cannot exist on this kind of device is a configuration error. A backend that
+should work but fails at start-up (missing bindings, old driver, unsupported GPU) degrades to plain streams on a
+GPU, threads on CPU, with one warning that says what was tried and why it failed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from vllm_rapid.partition.base import PartitionBackend
+
+logger = logging.getLogger(__name__)
+
+DEVICE_KINDS = ("cuda", "cpu")
+# The backends each vendor can run, the preferred one first.
+_BACKENDS_BY_VENDOR = {
+    "nvidia": ("green_context", "streams", "threads"),
+    "amd": ("cu_mask", "streams", "threads"),
+    "cpu": ("threads",),
+}
+
+
+def gpu_vendor(device_kind: str) -> str:
+    """'nvidia', 'amd' or 'cpu'. ROCm builds of torch also call their device 'cuda'; torch.version tells them apart."""
+    if device_kind not in DEVICE_KINDS:
+        raise ValueError(f"device_kind must be one of {list(DEVICE_KINDS)}, got {device_kind!r}")
+    if device_kind == "cpu":
+        return "cpu"
+    import torch
+
+    if torch.version.hip:
+        return "amd"
+    if torch.version.cuda:
+        return "nvidia"
+    raise ValueError("device_kind is 'cuda' but this torch build has neither CUDA nor ROCm support")
+
+
+def create_partition_backend(
+    name: str,
+    device_kind: str,
+    *,
+    device_index: int = 0,
+    decode_units: Sequence[int] | None = None,
+) -> PartitionBackend:
+    """Create the backend ``name`` (a RapidConfig.partition_backend value) for ``device_kind`` ('cuda' or 'cpu').
+
+    ``decode_units`` lists the decode partition sizes to pre-create (SMs or CUs; default: fractions of the device).
+    """
+    vendor = gpu_vendor(device_kind)
+    allowed = _BACKENDS_BY_VENDOR[vendor]
+    if name == "auto":
+        name = allowed[0]
+    elif name not in allowed:
+        raise ValueError(
+            f"rapid.partition_backend={name!r} cannot run on this device ({vendor}); "
+            f"choose one of {['auto', *allowed]}"
+        )
+    try:
+        return _create(name, device_index, decode_units)
+    except Exception as exc:  # any start-up failure degrades; the warning keeps the cause
+        fallback = "threads" if vendor == "cpu" else "streams"
+        if name == fallback:
+            raise
+        logger.warning(
+            "partition backend %r failed to start (%s: %s); falling back to %r (no spatial partitioning)",
+            name, type(exc).__name__, exc, fallback,
+        )
+        return _create(fallback, device_index, decode_units)
+
+
+def _create(name: str, device_index: int, decode_units: Sequence[int] | None) -> PartitionBackend:
+    if name == "green_context":
+        from vllm_rapid.partition.nvidia import GreenContextBackend
+
+        return GreenContextBackend(device_index, decode_units)
+    if name == "cu_mask":
+        from vllm_rapid.partition.amd import CuMaskBackend
+
+        return CuMaskBackend(device_index, decode_units)
+    if name == "streams":
+        from vllm_rapid.partition.fallback import StreamsBackend
+
+        return StreamsBackend(device_index)
+    from vllm_rapid.partition.fallback import ThreadsBackend
+
+    return ThreadsBackend()

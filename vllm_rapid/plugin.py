@@ -1,0 +1,12 @@
+"""The ``vllm.general_plugins`` entry point: runs in every vLLM process (API server, engine core, workers)."""
+
+from __future__ import annotations
+
+
+def register() -> None:
+    """Make ``--scheduler`` / ``scheduler=`` known (a no-op when the start-up hook already did it)."""
+    import vllm.engine.arg_utils as arg_utils
+
+    from vllm_rapid.engine_args import patch_engine_args
+
+    patch_engine_args(arg_utils)

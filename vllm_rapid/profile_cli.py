@@ -1,0 +1,315 @@
+"""``vllm-rapid profile``: measure the table the ARM decides from, on the GPU it will drive.
+
+For every split the partition backend pre-creates, it times a decode step (one CUDA graph, as served) for a grid of
+batch sizes and context lengths while a prefill runs on the other lane, and the prefill throughput of the prefill
+partition. The model is a Llama-shaped stack of torch ops with random weights: step times depend on shapes, not
+values. The result is the YAML file that ``rapid.profile_path`` points to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vllm_rapid.arm import DecodeProfile, DecodeSample, PrefillSample
+from vllm_rapid.lanes import ContextFactory
+from vllm_rapid.partition import PartitionBackend, create_partition_backend
+
+logger = logging.getLogger(__name__)
+
+NO_GPU_EXIT_CODE = 2
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The shapes that set a Llama decoder's step time."""
+
+    hidden_size: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 8
+    intermediate_size: int = 14336
+    vocab_size: int = 128256
+    head_dim: int = 128
+
+    @classmethod
+    def from_hf_config(cls, path: str | Path, num_layers: int | None = None) -> ModelDims:
+        """Read a Hugging Face ``config.json`` (or the directory holding one)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        config = json.loads(path.read_text())
+        heads = config["num_attention_heads"]
+        return cls(
+            hidden_size=config["hidden_size"],
+            num_layers=num_layers or config["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=config.get("num_key_value_heads", heads),
+            intermediate_size=config["intermediate_size"],
+            vocab_size=config["vocab_size"],
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+        )
+
+    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        """K and V of one token in every layer."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
+
+    def describe(self) -> str:
+        return (
+            f"llama hidden={self.hidden_size} layers={self.num_layers} heads={self.num_heads} "
+            f"kv_heads={self.num_kv_heads} intermediate={self.intermediate_size} vocab={self.vocab_size} bf16"
+        )
+
+
+class LlamaStack:
+    """Random-weight Llama decoder layers, final norm and LM head (inputs are hidden states, no embedding)."""
+
+    def __init__(self, dims: ModelDims, device: Any, dtype: Any) -> None:
+        import torch
+
+        def weight(*shape: int) -> Any:
+            return torch.randn(*shape, device=device, dtype=dtype) * 0.02
+
+        self.dims = dims
+        d, hd = dims, dims.head_dim
+        qkv_out = (d.num_heads + 2 * d.num_kv_heads) * hd
+        self.layers = [
+            {
+                "norm1": torch.ones(d.hidden_size, device=device, dtype=dtype),
+                "qkv": weight(d.hidden_size, qkv_out),
+                "o": weight(d.num_heads * hd, d.hidden_size),
+                "norm2": torch.ones(d.hidden_size, device=device, dtype=dtype),
+                "gate_up": weight(d.hidden_size, 2 * d.intermediate_size),
+                "down": weight(d.intermediate_size, d.hidden_size),
+            }
+            for _ in range(d.num_layers)
+        ]
+        self.final_norm = torch.ones(d.hidden_size, device=device, dtype=dtype)
+        self.lm_head = weight(d.hidden_size, d.vocab_size)
+
+    def decode(self, x: Any, k_cache: Any, v_cache: Any) -> Any:
+        """One decode step: ``x`` [batch, hidden]; caches [batch, kv_heads, context, head_dim].
+
+        All layers read the same cache tensors (it keeps the memory for large grids affordable; a cache far larger
+        than L2 costs the same bandwidth whichever layer reads it). The new token's K/V overwrite the last slot.
+        Each KV head's group of query heads is passed as a short query sequence: plain attention that reads the
+        cache once, with no need for GQA support in the fused kernels.
+        """
+        import torch.nn.functional as F
+
+        d, b = self.dims, x.shape[0]
+        group = d.num_heads // d.num_kv_heads
+        for layer in self.layers:
+            q, k, v = self._qkv(x, layer, b, 1)
+            k_cache[:, :, -1:].copy_(k)
+            v_cache[:, :, -1:].copy_(v)
+            attn = F.scaled_dot_product_attention(q.reshape(b, d.num_kv_heads, group, d.head_dim), k_cache, v_cache)
+            x = self._mlp(x + attn.reshape(b, d.num_heads * d.head_dim) @ layer["o"], layer)
+        return F.rms_norm(x, (d.hidden_size,), self.final_norm) @ self.lm_head
+
+    def prefill(self, x: Any) -> Any:
+        """One prompt: ``x`` [tokens, hidden], causal attention; logits of the last token only."""
+        import torch.nn.functional as F
+
+        d, t = self.dims, x.shape[0]
+        group = d.num_heads // d.num_kv_heads
+        for layer in self.layers:
+            q, k, v = self._qkv(x, layer, 1, t)
+            # Expanding K/V costs a few MB; it keeps the fused causal kernels usable whatever their GQA support.
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = self._mlp(x + attn.transpose(1, 2).reshape(t, d.num_heads * d.head_dim) @ layer["o"], layer)
+        return F.rms_norm(x[-1:], (d.hidden_size,), self.final_norm) @ self.lm_head
+
+    def _qkv(self, x: Any, layer: dict[str, Any], batch: int, tokens: int) -> tuple[Any, Any, Any]:
+        """q [batch, heads, tokens, hd] and k, v [batch, kv_heads, tokens, hd] (decode: tokens=1; prefill: batch=1)."""
+        import torch.nn.functional as F
+
+        d, hd = self.dims, self.dims.head_dim
+        qkv = F.rms_norm(x, (d.hidden_size,), layer["norm1"]) @ layer["qkv"]
+        q, k, v = qkv.view(batch, tokens, -1, hd).split([d.num_heads, d.num_kv_heads, d.num_kv_heads], dim=2)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _mlp(self, x: Any, layer: dict[str, Any]) -> Any:
+        import torch.nn.functional as F
+
+        gate, up = (F.rms_norm(x, (self.dims.hidden_size,), layer["norm2"]) @ layer["gate_up"]).chunk(2, dim=-1)
+        return x + (F.silu(gate) * up) @ layer["down"]
+
+
+def _capture(fn: Any, context: ContextFactory) -> Any:
+    """A CUDA graph of ``fn`` captured on the lane stream of ``context`` (so it stays on that partition)."""
+    import torch
+
+    with context():
+        stream = torch.cuda.current_stream()
+        fn()  # warm-up on the same stream: library handles, kernel selection
+        stream.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            fn()
+    return graph
+
+
+def _time_replays(graph: Any, context: ContextFactory, iters: int) -> tuple[Any, Any]:
+    """Enqueue ``iters`` replays between two timing events on the lane stream; returns the events."""
+    import torch
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with context():
+        start.record()
+        for _ in range(iters):
+            graph.replay()
+        end.record()
+    return start, end
+
+
+def profile_backend(
+    stack: LlamaStack,
+    backend: PartitionBackend,
+    batch_sizes: Sequence[int],
+    context_lens: Sequence[int],
+    prefill_tokens: int,
+    iters: int,
+    max_kv_bytes: int,
+) -> DecodeProfile:
+    """Measure every split of ``backend``: decode under a concurrent prefill, prefill throughput alone."""
+    import torch
+
+    d, device, dtype = stack.dims, stack.final_norm.device, stack.final_norm.dtype
+    prompt = torch.randn(prefill_tokens, d.hidden_size, device=device, dtype=dtype)
+    decode_samples: list[DecodeSample] = []
+    prefill_samples: list[PrefillSample] = []
+    for split in backend.splits():
+        decode_ctx, prefill_ctx = backend.lane_contexts(split)
+        prefill = _capture(lambda: stack.prefill(prompt), prefill_ctx)
+        start, end = _time_replays(prefill, prefill_ctx, iters)
+        torch.cuda.synchronize()
+        prefill_ms = start.elapsed_time(end) / iters
+        prefill_samples.append(PrefillSample(split.prefill_units, prefill_tokens * 1e3 / prefill_ms))
+        print(f"{split.label}: prefill {prefill_tokens * 1e3 / prefill_ms:,.0f} tok/s on {split.prefill_units} units")
+        for batch in batch_sizes:
+            for context in context_lens:
+                kv_bytes = 2 * batch * context * d.num_kv_heads * d.head_dim * dtype.itemsize
+                if kv_bytes > max_kv_bytes:
+                    print(f"{split.label}: skip batch={batch} context={context} (KV {kv_bytes / 2**30:.1f} GiB)")
+                    continue
+                step_ms = _decode_under_prefill(
+                    stack, batch, context, decode_ctx, prefill, prefill_ctx, prefill_ms, iters
+                )
+                decode_samples.append(DecodeSample(batch, context, split.decode_units, step_ms))
+                print(f"{split.label}: decode batch={batch} context={context}: {step_ms:.2f} ms")
+    return DecodeProfile(
+        backend.total_units, decode_samples, prefill_samples, torch.cuda.get_device_name(device), d.describe()
+    )
+
+
+def _decode_under_prefill(
+    stack: LlamaStack,
+    batch: int,
+    context: int,
+    decode_ctx: ContextFactory,
+    prefill: Any,
+    prefill_ctx: ContextFactory,
+    prefill_ms: float,
+    iters: int,
+) -> float:
+    """Mean decode step (ms) while prefill replays keep the other lane busy for the whole measurement."""
+    import torch
+
+    d, device, dtype = stack.dims, stack.final_norm.device, stack.final_norm.dtype
+    x = torch.randn(batch, d.hidden_size, device=device, dtype=dtype)
+    k_cache = torch.randn(batch, d.num_kv_heads, context, d.head_dim, device=device, dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    graph = _capture(lambda: stack.decode(x, k_cache, v_cache), decode_ctx)
+    start, end = _time_replays(graph, decode_ctx, iters)  # alone, to size the prefill backlog
+    torch.cuda.synchronize()
+    alone_ms = start.elapsed_time(end) / iters
+    # Decode slows down under interference: queue enough prefill for three times its solo duration.
+    backlog = math.ceil(3 * iters * alone_ms / prefill_ms) + 1
+    _, prefill_end = _time_replays(prefill, prefill_ctx, backlog)
+    start, end = _time_replays(graph, decode_ctx, iters)
+    torch.cuda.synchronize()
+    if prefill_end.elapsed_time(end) > 0:
+        logger.warning("batch=%d context=%d: the prefill ended before the decode measurement did", batch, context)
+    return start.elapsed_time(end) / iters
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vllm-rapid", description="RAPID-Serve tools for vLLM")
+    commands = parser.add_subparsers(dest="command", required=True)
+    profile = commands.add_parser(
+        "profile", help="measure decode step time and prefill throughput per partition size (needs a GPU)"
+    )
+    profile.add_argument("--model-config", help="HF config.json (or its directory); default: Llama-3-8B shapes")
+    profile.add_argument("--num-layers", type=int, help="profile fewer layers than the model has (faster)")
+    profile.add_argument("--batch-sizes", type=_int_list, default=[1, 8, 32, 64, 128, 256])
+    profile.add_argument("--context-lens", type=_int_list, default=[512, 2048, 8192])
+    profile.add_argument("--prefill-tokens", type=int, default=4096, help="prompt length of the concurrent prefill")
+    profile.add_argument(
+        "--backend", default="auto", choices=["auto", "green_context", "cu_mask", "streams"],
+        help="partition backend (as rapid.partition_backend)",
+    )
+    profile.add_argument(
+        "--decode-units", type=_int_list,
+        help="decode partition sizes in SMs/CUs (default: the backend's, as the server will pre-create them)",
+    )
+    profile.add_argument("--iters", type=int, default=20, help="timed replays per measurement")
+    profile.add_argument("--max-kv-gib", type=float, default=32.0, help="skip grid points with a larger KV cache")
+    profile.add_argument("--device", type=int, default=0)
+    profile.add_argument("--output", default="rapid_profile.yaml", help="YAML file for rapid.profile_path")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``vllm-rapid`` command; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print(
+            "vllm-rapid profile: no GPU is visible (torch.cuda.is_available() is False). The profile measures step "
+            "times on the GPU the ARM will drive; run it there. Without a profile the ARM uses a roofline estimate.",
+            file=sys.stderr,
+        )
+        return NO_GPU_EXIT_CODE
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    dims = ModelDims.from_hf_config(args.model_config, args.num_layers) if args.model_config else ModelDims(
+        num_layers=args.num_layers or ModelDims.num_layers
+    )
+    torch.cuda.set_device(args.device)
+    backend = create_partition_backend(args.backend, "cuda", device_index=args.device, decode_units=args.decode_units)
+    try:
+        with torch.inference_mode():
+            stack = LlamaStack(dims, torch.device("cuda", args.device), torch.bfloat16)
+            profile = profile_backend(
+                stack, backend, args.batch_sizes, args.context_lens, args.prefill_tokens, args.iters,
+                int(args.max_kv_gib * 2**30),
+            )
+    finally:
+        torch.cuda.synchronize()
+        backend.close()
+    profile.save(args.output)
+    print(f"wrote {args.output}: {len(profile.decode)} decode and {len(profile.prefill)} prefill samples")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""RapidScheduler: vLLM's scheduler split into a decode lane and a prefill lane over one KV-cache manager.
+
+Each engine step schedules the decode batch of every running request whose prompt is done, and, when the prefill
+lane is free, one prefill batch that then runs across as many engine steps as it needs. Both batches are built by
+vLLM's own ``Scheduler.schedule`` run once per lane over that lane's requests, so budgets, prefix caching,
+preemption, priorities and structured output keep vLLM's semantics.
+
+Three hazards that a single stream hides are fenced here:
+
+* prefix-cache commits: vLLM publishes full blocks to the prefix cache when it schedules them, before any lane has
+  written them. A request admitted while another lane is still writing those blocks would read garbage. Blocks are
+  published only once their KV is written (decode: at the next step; prefill: when the batch completes).
+* freed blocks: a request aborted or preempted while its prefill is in flight keeps its blocks until the batch
+  completes, so no other request can be handed a block the prefill lane is still writing.
+* the first token: it is sampled by the prefill lane; the worker moves the request's runner state to the decode lane
+  (see ``worker.LaneStates``) and the decode batch starts from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm.logger import init_logger
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.request_queue import create_request_queue
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.engine import EngineCoreOutputs
+from vllm.v1.outputs import ModelRunnerOutput
+from vllm.v1.request import Request, RequestStatus
+
+from vllm_rapid.config import RapidConfig
+from vllm_rapid.protocol import PrefillLaunch, PrefillResult, RapidSchedulerOutput
+
+logger = init_logger(__name__)
+
+
+@dataclass
+class InflightPrefill:
+    """The prefill batch the prefill lane is running, and the requests whose block frees wait for it."""
+
+    batch_id: int
+    scheduler_output: SchedulerOutput
+    req_ids: frozenset[str]
+    fenced_frees: list[Request] = field(default_factory=list)
+
+
+class RapidScheduler(Scheduler):
+    """Dual-queue scheduler: decode every step, prefill on its own lane whenever that lane is free."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rapid_config = RapidConfig.from_sources(self.vllm_config.additional_config)
+        max_tokens = self.scheduler_config.max_num_batched_tokens
+        chunk = self.rapid_config.prefill_chunk_tokens
+        chunking = self.scheduler_config.enable_chunked_prefill
+        self.prefill_token_budget = min(chunk, max_tokens) if (chunk and chunking) else max_tokens
+        self.inflight_prefill: InflightPrefill | None = None
+        self._next_batch_id = 0
+        # vLLM tracks "scheduled in the previous step" per runner; each lane has its own runner.
+        self._prev_ids_by_lane: dict[str, set[str]] = {"decode": set(), "prefill": set()}
+        self._suppress_stats = False
+        self._publish_blocks_when_written()
+        logger.info(
+            "RAPID scheduler: decode every step, prefill batches of up to %d tokens on their own lane (%s)",
+            self.prefill_token_budget,
+            self.rapid_config,
+        )
+
+    # ---- scheduling -------------------------------------------------------------------------------------------
+
+    def schedule(self, throttle_prefills: bool = False) -> RapidSchedulerOutput:
+        self._publish_written_blocks()
+        decode = self._schedule_lane("decode", throttle_prefills)
+        launch = None
+        if self.inflight_prefill is None and self._has_prefill_work():
+            prefill = self._schedule_lane("prefill", throttle_prefills)
+            if prefill.total_num_scheduled_tokens > 0:
+                launch = self._launch_prefill(prefill)
+        return RapidSchedulerOutput.wrap(decode, super().get_grammar_bitmask(decode), launch)
+
+    def get_grammar_bitmask(self, scheduler_output: SchedulerOutput):
+        if isinstance(scheduler_output, RapidSchedulerOutput):
+            return None  # computed in schedule() and shipped with the batch
+        return super().get_grammar_bitmask(scheduler_output)
+
+    def in_prefill_lane(self, request: Request) -> bool:
+        """A request belongs to the prefill lane while its batch is in flight or more than one token is pending."""
+        if self.inflight_prefill is not None and request.request_id in self.inflight_prefill.req_ids:
+            return True
+        pending = request.num_tokens_with_spec + request.num_output_placeholders - request.num_computed_tokens
+        return pending > 1
+
+    def _has_prefill_work(self) -> bool:
+        return bool(self.waiting or self.kv_holding_waiting) or any(map(self.in_prefill_lane, self.running))
+
+    def _schedule_lane(self, lane: str, throttle_prefills: bool) -> SchedulerOutput:
+        """Run vLLM's scheduling pass over one lane's requests only, then restore the shared queues."""
+        all_running = self.running
+        is_decode = lane == "decode"
+        lane_reqs = [r for r in all_running if self.in_prefill_lane(r) != is_decode]
+        others = [r for r in all_running if self.in_prefill_lane(r) == is_decode]
+        saved = (self.waiting, self.kv_holding_waiting, self.max_num_scheduled_tokens, self.max_num_active_reqs)
+        self.running = lane_reqs
+        self.prev_step_scheduled_req_ids = self._prev_ids_by_lane[lane]
+        if is_decode:
+            # Decode admits nobody; whatever it preempts lands in this queue and goes back to the real one.
+            self.waiting = create_request_queue(self.policy)
+            self.kv_holding_waiting = create_request_queue(self.policy)
+        else:
+            self.max_num_scheduled_tokens = self.prefill_token_budget
+            self.max_num_active_reqs = saved[3] - len(others)
+        try:
+            output = Scheduler.schedule(self, throttle_prefills)
+        finally:
+            lane_after, preempted = self.running, self.waiting
+            self.waiting, self.kv_holding_waiting, self.max_num_scheduled_tokens, self.max_num_active_reqs = saved
+            if is_decode and preempted:
+                self.waiting.prepend_requests(list(preempted))
+            kept = {id(r) for r in lane_after} | {id(r) for r in others}
+            before = {id(r) for r in all_running}
+            self.running = [r for r in all_running if id(r) in kept] + [
+                r for r in lane_after if id(r) not in before
+            ]
+        return output
+
+    def _launch_prefill(self, prefill: SchedulerOutput) -> PrefillLaunch:
+        batch_id = self._next_batch_id
+        self._next_batch_id += 1
+        self.inflight_prefill = InflightPrefill(batch_id, prefill, frozenset(prefill.num_scheduled_tokens))
+        # First tokens of structured-output requests are sampled on the prefill lane: ship their bitmask along.
+        return PrefillLaunch(batch_id, prefill, super().get_grammar_bitmask(prefill))
+
+    def _is_inflight(self, request: Request) -> bool:
+        return self.inflight_prefill is not None and request.request_id in self.inflight_prefill.req_ids
+
+    # ---- results ----------------------------------------------------------------------------------------------
+
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
+    ) -> dict[int, EngineCoreOutputs]:
+        prefill_outputs: dict[int, EngineCoreOutputs] = {}
+        finished = getattr(model_runner_output, "finished_prefill", None)
+        if finished is not None:
+            prefill_outputs = self._complete_prefill(finished)
+        decode_outputs = super().update_from_output(scheduler_output, model_runner_output)
+        return _merge_outputs(prefill_outputs, decode_outputs)
+
+    def _complete_prefill(self, result: PrefillResult) -> dict[int, EngineCoreOutputs]:
+        batch = self.inflight_prefill
+        if batch is None or batch.batch_id != result.batch_id:
+            raise RuntimeError(
+                f"prefill result for batch {result.batch_id} but batch "
+                f"{None if batch is None else batch.batch_id} is in flight"
+            )
+        self._suppress_stats = True  # one stats record per engine step: the decode update makes it
+        try:
+            outputs = super().update_from_output(batch.scheduler_output, result.output)
+        finally:
+            self._suppress_stats = False
+        self.inflight_prefill = None
+        for request in batch.fenced_frees:
+            self.kv_cache_manager.free(request)
+        for req_id in batch.req_ids:
+            request = self.requests.get(req_id)
+            if request is not None and request.status == RequestStatus.RUNNING:
+                self.kv_cache_manager.cache_blocks(request, request.num_computed_tokens)
+        return outputs
+
+    def make_stats(self, *args: Any, **kwargs: Any):
+        return None if self._suppress_stats else super().make_stats(*args, **kwargs)
+
+    # ---- KV fences --------------------------------------------------------------------------------------------
+
+    def _publish_blocks_when_written(self) -> None:
+        """Make every allocation defer prefix-cache publication; ``_publish_written_blocks`` publishes later."""
+        manager = self.kv_cache_manager
+        allocate_slots = manager.allocate_slots
+
+        def allocate_slots_unpublished(*args: Any, **kwargs: Any):
+            kwargs["delay_cache_blocks"] = True
+            return allocate_slots(*args, **kwargs)
+
+        manager.allocate_slots = allocate_slots_unpublished
+
+    def _publish_written_blocks(self) -> None:
+        """Publish the blocks whose KV the lanes have written: every computed token of a request not in flight."""
+        for request in self.running:
+            if not self._is_inflight(request):
+                self.kv_cache_manager.cache_blocks(request, request.num_computed_tokens)
+
+    def _free_request_blocks(self, request: Request) -> None:
+        if self._is_inflight(request):
+            assert self.inflight_prefill is not None
+            self.inflight_prefill.fenced_frees.append(request)  # the prefill lane may still write them
+            return
+        super()._free_request_blocks(request)
+
+
+def _merge_outputs(
+    first: dict[int, EngineCoreOutputs], second: dict[int, EngineCoreOutputs]
+) -> dict[int, EngineCoreOutputs]:
+    """Concatenate two steps' per-client outputs; the second carries the step's stats."""
+    for client, early in first.items():
+        late = second.get(client)
+        if late is None:
+            second[client] = early
+            continue
+        late.outputs = early.outputs + late.outputs
+        if early.finished_requests:
+            late.finished_requests = early.finished_requests | (late.finished_requests or set())
+    return second

@@ -1,0 +1,206 @@
+"""RapidWorker: one worker process, two model runners (decode lane, prefill lane), one model and one KV cache.
+
+The platform's own worker (CPU or GPU) builds, loads and profiles the primary runner, which serves the decode lane.
+A second runner of the same class serves the prefill lane: its own input buffers, request states, block tables and
+attention-metadata builders, but the primary's weights and KV tensors (nothing is loaded or allocated twice). Each
+runner's batches run on its own ``Lane`` (thread + device stream), so a prefill batch runs across several engine
+steps while decode steps keep completing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
+
+import torch
+from vllm.logger import init_logger
+from vllm.platforms import current_platform
+from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
+from vllm.v1.outputs import ModelRunnerOutput
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+from vllm_rapid.config import RapidConfig
+from vllm_rapid.forward_context_patch import apply_thread_local_forward_context
+from vllm_rapid.lane_states import LaneStates
+from vllm_rapid.lanes import Lane
+from vllm_rapid.protocol import PrefillLaunch, PrefillResult, RapidModelRunnerOutput, RapidSchedulerOutput
+
+if current_platform.is_cpu():
+    from vllm.v1.worker.cpu_worker import CPUWorker as PlatformWorker
+else:
+    from vllm.v1.worker.gpu_worker import Worker as PlatformWorker
+
+logger = init_logger(__name__)
+
+
+def run_lane_step(runner: Any, scheduler_output: SchedulerOutput, grammar: GrammarOutput | None) -> ModelRunnerOutput:
+    """One whole model step (forward + sampling) of one lane, in the lane's thread."""
+    with torch.inference_mode():  # thread-local in torch: every lane thread enters it itself
+        output = runner.execute_model(scheduler_output)
+        if output is None:
+            output = runner.sample_tokens(grammar)
+    return output
+
+
+class RapidWorker(PlatformWorker):
+    """The platform worker with a prefill lane beside the decode lane."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        apply_thread_local_forward_context()
+        self.rapid_config = RapidConfig.from_sources(self.vllm_config.additional_config)
+        record = self.rapid_config.record_lane_events
+        decode_threads, prefill_threads = _cpu_thread_split() if current_platform.is_cpu() else (None, None)
+        self.decode_lane = Lane("decode", thread_init=_omp_threads(decode_threads), record_events=record)
+        self.prefill_lane = Lane("prefill", thread_init=_omp_threads(prefill_threads), record_events=record)
+        self._inflight: PrefillLaunch | None = None
+        self._inflight_future: Future | None = None
+        self._finished_prefill: PrefillResult | None = None
+
+    # ---- set-up: a second runner that shares weights and KV --------------------------------------------------
+
+    def init_device(self) -> None:
+        super().init_device()
+        runner_cls = type(self.model_runner)
+        if not issubclass(runner_cls, GPUModelRunner):
+            raise RuntimeError(
+                f"RAPID lanes need vLLM's V1 model runner, got {runner_cls.__qualname__}; "
+                "set VLLM_USE_V2_MODEL_RUNNER=0"
+            )
+        self.prefill_runner = runner_cls(self.vllm_config, self.device)
+        self.lane_states = LaneStates(self.model_runner, self.prefill_runner)
+
+    def load_model(self, *args: Any, **kwargs: Any) -> None:
+        super().load_model(*args, **kwargs)
+        self.prefill_runner.model = self.model_runner.get_model()
+
+    def initialize_from_config(self, kv_cache_config: Any) -> None:
+        super().initialize_from_config(kv_cache_config)
+        primary = self.model_runner
+        # Same attention backends, builders and block tables as the primary, bound to the primary's tensors.
+        self.prefill_runner.initialize_kv_cache_tensors = lambda *args, **kwargs: _shared_kv(primary)
+        self.prefill_runner.initialize_kv_cache(kv_cache_config)
+        self.prefill_runner.kv_caches = primary.kv_caches
+
+    def determine_available_memory(self) -> int:
+        """The platform's answer, less what the decode lane's batch needs while a full prefill batch is live."""
+        available = super().determine_available_memory()
+        reserve = self._decode_batch_peak_bytes()
+        if self.cache_config.kv_cache_memory_bytes is not None:
+            logger.info("RAPID: decode lane needs ~%.1f MiB beside a prefill batch (KV size was set explicitly)",
+                        reserve / 2**20)
+            return available
+        logger.info("RAPID: reserving %.1f MiB for the decode lane's batch", reserve / 2**20)
+        return max(available - reserve, 0)
+
+    def _decode_batch_peak_bytes(self) -> int:
+        num_seqs = self.scheduler_config.max_num_seqs
+        if torch.cuda.is_available() and not current_platform.is_cpu():
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            self.model_runner._dummy_run(num_seqs, uniform_decode=True, is_profile=True)
+            return torch.cuda.max_memory_allocated() - base
+        import psutil
+
+        before = psutil.Process().memory_info().rss
+        self.model_runner._dummy_run(num_seqs, uniform_decode=True, is_profile=True)
+        return max(psutil.Process().memory_info().rss - before, 0)
+
+    # ---- the step ---------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
+        if not isinstance(scheduler_output, RapidSchedulerOutput):
+            return super().execute_model(scheduler_output)
+        self._collect_prefill(timeout=0.0)
+        self.lane_states.finish(scheduler_output.finished_req_ids)
+        if scheduler_output.prefill is not None:
+            self._launch_prefill(scheduler_output.prefill)
+        self.lane_states.claim(self.model_runner, scheduler_output)
+        decode_tokens = scheduler_output.total_num_scheduled_tokens
+        output = self.decode_lane.run(
+            run_lane_step, self.model_runner, scheduler_output, scheduler_output.grammar,
+            label="decode" if decode_tokens else "idle", num_tokens=decode_tokens,
+        )
+        # No decode work: wait a little for the prefill instead of spinning the engine loop.
+        self._collect_prefill(timeout=0.0 if decode_tokens else self.rapid_config.idle_wait_ms / 1000)
+        finished, self._finished_prefill = self._finished_prefill, None
+        return RapidModelRunnerOutput.wrap(output, finished)
+
+    def _launch_prefill(self, launch: PrefillLaunch) -> None:
+        if self._inflight is not None:
+            raise RuntimeError(f"prefill batch {launch.batch_id} launched while {self._inflight.batch_id} runs")
+        self.lane_states.claim(self.prefill_runner, launch.scheduler_output)
+        self._inflight = launch
+        self._inflight_future = self.prefill_lane.submit(
+            run_lane_step, self.prefill_runner, launch.scheduler_output, launch.grammar_output,
+            label=f"prefill#{launch.batch_id}", num_tokens=launch.scheduler_output.total_num_scheduled_tokens,
+        )
+
+    def _collect_prefill(self, timeout: float) -> None:
+        """If the prefill batch is done (waiting at most ``timeout`` s), park its states and keep its output."""
+        if self._inflight_future is None:
+            return
+        try:
+            output = self._inflight_future.result(timeout=timeout)
+        except FutureTimeout:
+            return
+        launch, self._inflight, self._inflight_future = self._inflight, None, None
+        assert launch is not None and self._finished_prefill is None
+        self.lane_states.park(launch.scheduler_output.num_scheduled_tokens)
+        self._finished_prefill = PrefillResult(launch.batch_id, output)
+
+    # ---- introspection (collective_rpc) -------------------------------------------------------------------------
+
+    def rapid_lane_events(self, clear: bool = False) -> list[dict[str, Any]]:
+        """Recorded lane batches (``record_lane_events``), oldest first, as plain dicts."""
+        events = sorted((self.decode_lane.events or []) + (self.prefill_lane.events or []), key=lambda e: e.start)
+        if clear:
+            for lane in (self.decode_lane, self.prefill_lane):
+                if lane.events is not None:
+                    lane.events.clear()
+        return [dataclasses.asdict(e) for e in events]
+
+    def rapid_num_request_states(self) -> int:
+        """Request states held by either runner or parked between them (0 when idle)."""
+        return self.lane_states.num_states()
+
+    def shutdown(self) -> None:
+        if self._inflight_future is not None:
+            self._inflight_future.result()  # drain: never tear down under a running prefill
+        self.decode_lane.close()
+        self.prefill_lane.close()
+        super().shutdown()
+
+
+def _cpu_thread_split() -> tuple[int, int]:
+    """CPU lanes: split the cores between the two lanes' OpenMP teams instead of oversubscribing them.
+
+    Decode is memory-bound and gets the smaller half; two teams of all cores each would spin against each other.
+    """
+    cores = len(os.sched_getaffinity(0))
+    decode = max(1, cores // 2)
+    return decode, max(1, cores - decode)
+
+
+def _omp_threads(num_threads: int | None):
+    """A lane-thread initializer that sizes that thread's OpenMP team (the setting is per calling thread)."""
+    if num_threads is None:
+        return None
+    def init() -> None:
+        # torch sizes a new thread's team lazily from a process-wide value on its first parallel op: trigger that
+        # first, then set this thread's own size. (vLLM's CPU worker turned torch.set_num_threads into a no-op
+        # after binding; the C entry point is intact.)
+        torch.ones(1 << 16).sum()
+        torch._C.set_num_threads(num_threads)
+
+    return init
+
+
+def _shared_kv(primary: Any) -> dict[str, torch.Tensor]:
+    """The KV tensors the primary runner allocated and bound to the (shared) attention layers."""
+    return {name: layer.kv_cache for name, layer in primary.compilation_config.static_forward_context.items()
+            if isinstance(getattr(layer, "kv_cache", None), torch.Tensor)}
