@@ -1,0 +1,27 @@
+"""Shared fixtures: a tiny random-weight Llama made on the spot (no model hub is reachable in CI)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Engines in these tests run their engine core inside the test process, so tests can look at the scheduler and
+# its KV-cache manager directly. Workers still run in their own process, as in production.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A 2-layer Llama (hidden 128) with a locally trained tokenizer; weights come from load_format='dummy'."""
+    from vllm_rapid.tiny_model import make_tiny_llama
+
+    return str(make_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory) -> str:
+    """A somewhat larger model (4 layers, hidden 256), so a long prefill takes many decode steps' time."""
+    from vllm_rapid.tiny_model import make_tiny_llama
+
+    return str(make_tiny_llama(tmp_path_factory.mktemp("small-llama"), hidden_size=256, num_layers=4))
