@@ -1,7 +1,9 @@
 """Build a tiny random-weight Llama checkpoint directory that vLLM can serve offline.
 
 No model hub is reachable from CI, so tests, the demo and the benchmarks make their own model: a Llama
-``config.json`` (weights come from ``load_format="dummy"``) and a byte-level BPE tokenizer trained locally.
+``config.json``, a byte-level BPE tokenizer trained locally and seeded random weights in ``model.safetensors``.
+(vLLM's ``load_format="dummy"`` also works with the directory, but its near-zero weights make almost every logit a
+tie, so greedy outputs would hang on rounding noise; the seeded weights give well-separated logits.)
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ def make_tiny_llama(
     num_kv_heads: int = 2,
     vocab_size: int = 512,
     max_position_embeddings: int = 8192,
+    seed: int = 0,
 ) -> Path:
-    """Write config.json, tokenizer files and a chat template to ``path``; return the path."""
+    """Write config.json, weights, tokenizer files and a chat template to ``path``; return the path."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     path = Path(path)
@@ -79,4 +82,39 @@ def make_tiny_llama(
         "torch_dtype": "float32",
     }
     (path / "config.json").write_text(json.dumps(config, indent=2))
+    _write_random_weights(path / "model.safetensors", config, seed)
     return path
+
+
+def _write_random_weights(file: Path, config: dict, seed: int) -> None:
+    """Seeded weights scaled like a trained model's (unit-variance activations), so logits are well separated."""
+    import torch
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    head_dim = config["head_dim"]
+    q_out, kv_out = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
+
+    def linear(out_features: int, in_features: int) -> torch.Tensor:
+        return torch.randn(out_features, in_features, generator=gen) / in_features**0.5
+
+    tensors = {
+        "model.embed_tokens.weight": torch.randn(vocab, hidden, generator=gen),
+        "model.norm.weight": torch.ones(hidden),
+        "lm_head.weight": linear(vocab, hidden) * 4.0,
+    }
+    for i in range(config["num_hidden_layers"]):
+        prefix = f"model.layers.{i}."
+        tensors |= {
+            prefix + "self_attn.q_proj.weight": linear(q_out, hidden),
+            prefix + "self_attn.k_proj.weight": linear(kv_out, hidden),
+            prefix + "self_attn.v_proj.weight": linear(kv_out, hidden),
+            prefix + "self_attn.o_proj.weight": linear(hidden, q_out),
+            prefix + "mlp.gate_proj.weight": linear(inter, hidden),
+            prefix + "mlp.up_proj.weight": linear(inter, hidden),
+            prefix + "mlp.down_proj.weight": linear(hidden, inter),
+            prefix + "input_layernorm.weight": torch.ones(hidden),
+            prefix + "post_attention_layernorm.weight": torch.ones(hidden),
+        }
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(file))

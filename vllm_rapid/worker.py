@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+import threading
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
@@ -35,6 +37,8 @@ else:
 
 logger = init_logger(__name__)
 
+LANE_GIL_SWITCH_INTERVAL_S = 0.0002
+
 
 def run_lane_step(runner: Any, scheduler_output: SchedulerOutput, grammar: GrammarOutput | None) -> ModelRunnerOutput:
     """One whole model step (forward + sampling) of one lane, in the lane's thread."""
@@ -51,11 +55,18 @@ class RapidWorker(PlatformWorker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         apply_thread_local_forward_context()
+        # Both lanes' threads run Python between kernels; by default a thread waiting for the GIL waits up to 5 ms,
+        # which alone would double a small decode step. Hand the GIL over sooner.
+        sys.setswitchinterval(LANE_GIL_SWITCH_INTERVAL_S)
         self.rapid_config = RapidConfig.from_sources(self.vllm_config.additional_config)
         record = self.rapid_config.record_lane_events
-        decode_threads, prefill_threads = _cpu_thread_split() if current_platform.is_cpu() else (None, None)
-        self.decode_lane = Lane("decode", thread_init=_omp_threads(decode_threads), record_events=record)
-        self.prefill_lane = Lane("prefill", thread_init=_omp_threads(prefill_threads), record_events=record)
+        if current_platform.is_cpu():
+            decode_threads, prefill_threads = _cpu_thread_split()
+            decode_init, prefill_init = _cpu_lane_init(decode_threads, 0), _cpu_lane_init(prefill_threads, 19)
+        else:
+            decode_init = prefill_init = None
+        self.decode_lane = Lane("decode", thread_init=decode_init, record_events=record)
+        self.prefill_lane = Lane("prefill", thread_init=prefill_init, record_events=record)
         self._inflight: PrefillLaunch | None = None
         self._inflight_future: Future | None = None
         self._finished_prefill: PrefillResult | None = None
@@ -74,6 +85,13 @@ class RapidWorker(PlatformWorker):
         self.lane_states = LaneStates(self.model_runner, self.prefill_runner)
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
+        if current_platform.is_cpu():
+            # vLLM's oneDNN GEMM handler keeps a per-weight primitive cache that is not thread-safe: two lanes
+            # calling one layer at once corrupt the heap. torch's own linear (MKL/oneDNN inside ATen) is.
+            import vllm._custom_ops as ops
+
+            ops._supports_onednn = False
+            _serialize_cpu_attention()
         super().load_model(*args, **kwargs)
         self.prefill_runner.model = self.model_runner.get_model()
 
@@ -176,6 +194,26 @@ class RapidWorker(PlatformWorker):
         super().shutdown()
 
 
+def _serialize_cpu_attention() -> None:
+    """vLLM's CPU attention kernel keeps scratch space per OpenMP thread number; two lanes' teams share those
+    numbers, so two attention calls at once overwrite each other's scratch. Attention runs one lane at a time;
+    everything else (GEMMs, norms, sampling) still overlaps."""
+    import threading
+
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+
+    if getattr(CPUAttentionBackendImpl.forward, "_rapid_serialized", False):
+        return
+    forward, lock = CPUAttentionBackendImpl.forward, threading.Lock()
+
+    def serialized_forward(*args: Any, **kwargs: Any):
+        with lock:
+            return forward(*args, **kwargs)
+
+    serialized_forward._rapid_serialized = True
+    CPUAttentionBackendImpl.forward = serialized_forward
+
+
 def _cpu_thread_split() -> tuple[int, int]:
     """CPU lanes: split the cores between the two lanes' OpenMP teams instead of oversubscribing them.
 
@@ -186,11 +224,16 @@ def _cpu_thread_split() -> tuple[int, int]:
     return decode, max(1, cores - decode)
 
 
-def _omp_threads(num_threads: int | None):
-    """A lane-thread initializer that sizes that thread's OpenMP team (the setting is per calling thread)."""
-    if num_threads is None:
-        return None
+def _cpu_lane_init(num_threads: int, niceness: int):
+    """A CPU lane's thread initializer: its OpenMP team size, and its OS priority.
+
+    The prefill lane runs at the lowest priority, so on a busy machine the decode lane (and the engine loop that
+    feeds it) get the cores first and the prefill lane soaks up what is left: the CPU form of giving decode the
+    share it needs and prefill the rest.
+    """
+
     def init() -> None:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
         # torch sizes a new thread's team lazily from a process-wide value on its first parallel op: trigger that
         # first, then set this thread's own size. (vLLM's CPU worker turned torch.set_num_threads into a no-op
         # after binding; the C entry point is intact.)

@@ -1,0 +1,212 @@
+"""RAPID mode against real vLLM (CPU build): outputs, lane overlap, KV fences, aborts and preemption.
+
+Engines run their engine core in the test process (conftest), so the tests step the engine one step at a time and
+look at the real scheduler and KV-cache manager; the model runs in a real worker process.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+
+import pytest
+from vllm import LLM, SamplingParams
+
+pytestmark = pytest.mark.slow
+
+ENGINE_KWARGS = dict(
+    dtype="float32",
+    max_model_len=4096,
+    max_num_batched_tokens=4096,
+    enforce_eager=True,
+    seed=0,
+    distributed_executor_backend="mp",  # the worker (and its two lanes) in its own process, as in production
+)
+
+
+def make_llm(model: str, scheduler: str, kv_bytes: int = 64 << 20, max_model_len: int = 4096,
+             **rapid_options) -> LLM:
+    extra = {"additional_config": {"rapid": rapid_options}} if scheduler == "rapid" else {}
+    kwargs = ENGINE_KWARGS | {"max_model_len": max_model_len, "max_num_batched_tokens": max_model_len}
+    return LLM(model, scheduler=scheduler, kv_cache_memory_bytes=kv_bytes, disable_log_stats=False,
+               **kwargs, **extra)
+
+
+def scheduler_of(llm: LLM):
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def prompts_of_lengths(lengths: list[int], seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"prompt_token_ids": [rng.randrange(2, 400) for _ in range(n)]} for n in lengths]
+
+
+def token_ids(outputs) -> list[list[int]]:
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def run_until_idle(llm: LLM, timeout_s: float = 120.0) -> dict[str, object]:
+    """Step the engine until no request is left; return the final RequestOutput of each request."""
+    engine, finished, deadline = llm.llm_engine, {}, time.monotonic() + timeout_s
+    while engine.has_unfinished_requests():
+        assert time.monotonic() < deadline, "engine did not drain"
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+    return finished
+
+
+def assert_idle_and_clean(llm: LLM) -> None:
+    """No request left anywhere, every KV block back in the pool, no runner state left in either lane."""
+    sched = scheduler_of(llm)
+    if sched.has_finished_requests():
+        llm.llm_engine.step()  # the step that tells the runners which requests finished (a server loop makes it)
+    assert not sched.running and not sched.waiting and not sched.requests
+    assert sched.inflight_prefill is None
+    assert sched.get_kv_cache_usage() == 0.0
+    pool = sched.kv_cache_manager.block_pool
+    assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1  # block 0 is vLLM's reserved null block
+    assert llm.collective_rpc("rapid_num_request_states") == [0]
+
+
+@pytest.fixture(scope="module")
+def default_llm(tiny_model):
+    return make_llm(tiny_model, "default")
+
+
+@pytest.fixture(scope="module")
+def rapid_llm(tiny_model):
+    return make_llm(tiny_model, "rapid", record_lane_events=True)
+
+
+MIXED_LENGTHS = [1, 3, 7, 16, 31, 64, 100, 127, 128, 129, 200, 255, 256, 300, 400, 511,
+                 512, 600, 700, 800, 900, 1000, 1100, 1200, 1300, 1500, 1700, 1900, 2000, 2200, 2500, 3000]
+
+
+def test_greedy_outputs_match_default_scheduler(default_llm, rapid_llm):
+    prompts = prompts_of_lengths(MIXED_LENGTHS)
+    assert len(prompts) == 32
+    params = [SamplingParams(temperature=0.0, max_tokens=8 + i % 17, ignore_eos=True) for i in range(32)]
+    expected = token_ids(default_llm.generate(prompts, params, use_tqdm=False))
+    got = token_ids(rapid_llm.generate(prompts, params, use_tqdm=False))
+    assert got == expected
+    assert_idle_and_clean(rapid_llm)
+
+
+def test_seeded_sampling_matches_default_scheduler(default_llm, rapid_llm):
+    """The sampling generator moves with the request from the prefill lane to the decode lane."""
+    prompts = prompts_of_lengths([5, 50, 500, 1500], seed=1)
+    params = [SamplingParams(temperature=1.0, top_p=0.9, seed=100 + i, max_tokens=24, ignore_eos=True)
+              for i in range(len(prompts))]
+    expected = token_ids(default_llm.generate(prompts, params, use_tqdm=False))
+    assert token_ids(rapid_llm.generate(prompts, params, use_tqdm=False)) == expected
+
+
+def test_decode_is_not_blocked_by_a_long_prefill(small_model):
+    llm = make_llm(small_model, "rapid", record_lane_events=True)
+    engine = llm.llm_engine
+    decode_params = SamplingParams(temperature=0.0, max_tokens=3000, ignore_eos=True)
+    for i, prompt in enumerate(prompts_of_lengths([8, 12, 16, 20])):
+        engine.add_request(f"d{i}", prompt, decode_params)
+    for _ in range(40):  # prefill the short prompts, then decode alone for a while
+        engine.step()
+    engine.add_request("long", prompts_of_lengths([2500], seed=2)[0],
+                       SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+    first_token_seen = False
+    while not first_token_seen:
+        first_token_seen = any(o.request_id == "long" and o.outputs[0].token_ids for o in engine.step())
+    for _ in range(10):
+        engine.step()
+    events = llm.collective_rpc("rapid_lane_events")[0]
+    engine.abort_request([f"d{i}" for i in range(4)])
+    run_until_idle(llm)
+
+    prefills = [e for e in events if e["lane"] == "prefill" and e["num_tokens"] >= 2000]
+    assert len(prefills) == 1, events  # the whole 2500-token prompt as one batch on the prefill lane
+    long_prefill = prefills[0]
+    decodes = [e for e in events if e["lane"] == "decode" and e["label"] == "decode"]
+    during = [e for e in decodes if e["start"] >= long_prefill["start"] and e["end"] <= long_prefill["end"]]
+    alone = [e for e in decodes if e["end"] <= long_prefill["start"]][-20:]
+    # Decode steps complete while the prefill is in flight: the step is clocked by decode, not by the prefill.
+    assert len(during) >= 3, f"only {len(during)} decode steps completed during a {long_prefill}"
+    # Each of those steps ran the whole decode batch, and no decode step waited for the prefill to finish.
+    assert all(e["num_tokens"] == 4 for e in during)
+    assert not any(e["start"] < long_prefill["end"] < e["end"] and e["end"] - e["start"] >
+                   long_prefill["end"] - long_prefill["start"] for e in decodes)
+    # Inter-token latency of decode during the prefill stays within 2x of decode alone (same recorded steps).
+    gaps_during = [b["end"] - a["end"] for a, b in zip(during, during[1:])]
+    gaps_alone = [b["end"] - a["end"] for a, b in zip(alone, alone[1:])]
+    assert statistics.median(gaps_during) <= 2 * statistics.median(gaps_alone)
+    assert_idle_and_clean(llm)
+    del llm
+
+
+def _step_until(llm: LLM, predicate, limit: int = 500) -> list:
+    outputs = []
+    for _ in range(limit):
+        outputs += llm.llm_engine.step()
+        if predicate():
+            return outputs
+    raise AssertionError("condition not reached")
+
+
+def test_abort_while_prefill_in_flight_frees_blocks_only_after_the_lane_is_done(small_model):
+    llm = make_llm(small_model, "rapid", idle_wait_ms=0.01)
+    engine, sched = llm.llm_engine, scheduler_of(llm)
+    pool = sched.kv_cache_manager.block_pool
+    keep = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    engine.add_request("long-a", prompts_of_lengths([2500], seed=3)[0], keep)
+    engine.add_request("long-b", prompts_of_lengths([1200], seed=4)[0], keep)
+    _step_until(llm, lambda: sched.inflight_prefill is not None)
+    inflight = sched.inflight_prefill
+    victim = next(r for r in inflight.req_ids if "long-a" in r)
+    free_before = pool.get_num_free_blocks()
+    engine.abort_request(["long-a"])
+    assert sched.inflight_prefill is inflight, "the prefill finished too fast for this test to mean anything"
+    # The aborted request is gone from the scheduler, but the lane may still write its blocks: none is reusable.
+    assert victim not in sched.requests
+    assert pool.get_num_free_blocks() == free_before
+    assert any(r.request_id == victim for r in inflight.fenced_frees)
+    finished = run_until_idle(llm)
+    assert "long-a" not in finished or finished["long-a"].outputs[0].finish_reason == "abort"
+    assert len(finished["long-b"].outputs[0].token_ids) == 16  # the other request lost nothing
+    assert_idle_and_clean(llm)
+
+
+def test_prefix_blocks_are_published_only_after_the_lane_wrote_them(tiny_model, default_llm):
+    """A request admitted while a decode step fills a block must not get a prefix hit on that block."""
+    llm = make_llm(tiny_model, "rapid")
+    engine, sched = llm.llm_engine, scheduler_of(llm)
+    block_size = sched.block_size
+    base = prompts_of_lengths([block_size - 1], seed=5)[0]["prompt_token_ids"]
+    engine.add_request("D", {"prompt_token_ids": base}, SamplingParams(temperature=0.0, max_tokens=8,
+                                                                       ignore_eos=True))
+    first = []
+    while not first:
+        first = [o.outputs[0].token_ids[0] for o in engine.step() if o.request_id == "D" and o.outputs[0].token_ids]
+    # D now holds block_size tokens; its next decode step writes the block's last slot. E shares that whole block.
+    e_prompt = base + first[:1] + list(range(10, 60))
+    engine.add_request("E", {"prompt_token_ids": e_prompt}, SamplingParams(temperature=0.0, max_tokens=4,
+                                                                           ignore_eos=True))
+    finished = run_until_idle(llm)
+    assert finished["E"].num_cached_tokens == 0  # vLLM alone would report block_size cached tokens here
+    expected = default_llm.generate([{"prompt_token_ids": e_prompt}],
+                                    SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert list(finished["E"].outputs[0].token_ids) == token_ids(expected)[0]
+    # Once written, the block is shared as usual.
+    engine.add_request("F", {"prompt_token_ids": e_prompt}, SamplingParams(temperature=0.0, max_tokens=1))
+    assert run_until_idle(llm)["F"].num_cached_tokens >= block_size
+    assert_idle_and_clean(llm)
+
+
+def test_preemption_under_kv_pressure_loses_nothing(tiny_model, default_llm):
+    prompts = prompts_of_lengths([150, 200, 250, 300, 120, 180, 220, 260], seed=6)
+    params = SamplingParams(temperature=0.0, max_tokens=300, ignore_eos=True)
+    expected = token_ids(default_llm.generate(prompts, params, use_tqdm=False))
+    llm = make_llm(tiny_model, "rapid", kv_bytes=2 << 20, max_model_len=1024)  # 16 blocks: too few for all
+    got = token_ids(llm.generate(prompts, params, use_tqdm=False))
+    preemptions = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+    assert preemptions > 0, "the KV cache was large enough that nothing was preempted"
+    assert got == expected
+    assert_idle_and_clean(llm)
