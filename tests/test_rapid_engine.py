@@ -210,3 +210,11 @@ def test_preemption_under_kv_pressure_loses_nothing(tiny_model, default_llm):
     assert preemptions > 0, "the KV cache was large enough that nothing was preempted"
     assert got == expected
     assert_idle_and_clean(llm)
+
+
+def test_arm_state_is_exported(rapid_llm):
+    """On CPU the lanes are threads: both always see the whole machine (the paper's P100-D100)."""
+    state = rapid_llm.collective_rpc("rapid_arm_state")[0]
+    assert state["backend"] == "threads"
+    assert state["split"] == "P100-D100"
+    assert state["reason"]

@@ -41,12 +41,13 @@ class RapidSchedulerOutput(SchedulerOutput):
 
     grammar: GrammarOutput | None = None
     prefill: PrefillLaunch | None = None
+    # What the ARM decides from: the decode batch's mean context and how long the oldest prefill has waited.
+    mean_decode_context_len: float = 0.0
+    oldest_prefill_wait_ms: float = 0.0
 
     @classmethod
-    def wrap(
-        cls, decode: SchedulerOutput, grammar: GrammarOutput | None, prefill: PrefillLaunch | None
-    ) -> RapidSchedulerOutput:
-        return cls(**_fields_of(decode, SchedulerOutput), grammar=grammar, prefill=prefill)
+    def wrap(cls, decode: SchedulerOutput, **rapid_fields) -> RapidSchedulerOutput:
+        return cls(**_fields_of(decode, SchedulerOutput), **rapid_fields)
 
 
 @dataclass

@@ -18,6 +18,7 @@ Three hazards that a single stream hides are fenced here:
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,7 +78,13 @@ class RapidScheduler(Scheduler):
             prefill = self._schedule_lane("prefill", throttle_prefills)
             if prefill.total_num_scheduled_tokens > 0:
                 launch = self._launch_prefill(prefill)
-        return RapidSchedulerOutput.wrap(decode, super().get_grammar_bitmask(decode), launch)
+        return RapidSchedulerOutput.wrap(
+            decode,
+            grammar=super().get_grammar_bitmask(decode),
+            prefill=launch,
+            mean_decode_context_len=self._mean_context_len(decode),
+            oldest_prefill_wait_ms=self._oldest_prefill_wait_ms(),
+        )
 
     def get_grammar_bitmask(self, scheduler_output: SchedulerOutput):
         if isinstance(scheduler_output, RapidSchedulerOutput):
@@ -123,6 +130,16 @@ class RapidScheduler(Scheduler):
                 r for r in lane_after if id(r) not in before
             ]
         return output
+
+    def _mean_context_len(self, decode: SchedulerOutput) -> float:
+        ids = decode.num_scheduled_tokens
+        return sum(self.requests[i].num_computed_tokens for i in ids) / len(ids) if ids else 0.0
+
+    def _oldest_prefill_wait_ms(self) -> float:
+        """How long the oldest request still waiting for (the rest of) its prefill has waited."""
+        pending = [r.arrival_time for r in (*self.waiting, *self.kv_holding_waiting)]
+        pending += [r.arrival_time for r in self.running if self.in_prefill_lane(r) and not self._is_inflight(r)]
+        return max(0.0, (time.time() - min(pending)) * 1000) if pending else 0.0
 
     def _launch_prefill(self, prefill: SchedulerOutput) -> PrefillLaunch:
         batch_id = self._next_batch_id

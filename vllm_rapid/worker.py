@@ -13,6 +13,7 @@ import dataclasses
 import os
 import sys
 import threading
+import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
@@ -27,7 +28,8 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm_rapid.config import RapidConfig
 from vllm_rapid.forward_context_patch import apply_thread_local_forward_context
 from vllm_rapid.lane_states import LaneStates
-from vllm_rapid.lanes import Lane
+from vllm_rapid.lane_control import LaneController
+from vllm_rapid.lanes import ContextFactory, Lane
 from vllm_rapid.protocol import PrefillLaunch, PrefillResult, RapidModelRunnerOutput, RapidSchedulerOutput
 
 if current_platform.is_cpu():
@@ -65,6 +67,9 @@ class RapidWorker(PlatformWorker):
             decode_init, prefill_init = _cpu_lane_init(decode_threads, 0), _cpu_lane_init(prefill_threads, 19)
         else:
             decode_init = prefill_init = None
+        self.lane_control = LaneController(
+            self.rapid_config, "cpu" if current_platform.is_cpu() else "cuda", self.local_rank
+        )
         self.decode_lane = Lane("decode", thread_init=decode_init, record_events=record)
         self.prefill_lane = Lane("prefill", thread_init=prefill_init, record_events=record)
         self._inflight: PrefillLaunch | None = None
@@ -102,6 +107,9 @@ class RapidWorker(PlatformWorker):
         self.prefill_runner.initialize_kv_cache_tensors = lambda *args, **kwargs: _shared_kv(primary)
         self.prefill_runner.initialize_kv_cache(kv_cache_config)
         self.prefill_runner.kv_caches = primary.kv_caches
+        self.lane_control.attach_model(
+            primary.get_model(), primary.kv_caches, kv_cache_config.num_blocks * self.cache_config.block_size
+        )
 
     def determine_available_memory(self) -> int:
         """The platform's answer, less what the decode lane's batch needs while a full prefill batch is live."""
@@ -135,20 +143,25 @@ class RapidWorker(PlatformWorker):
             return super().execute_model(scheduler_output)
         self._collect_prefill(timeout=0.0)
         self.lane_states.finish(scheduler_output.finished_req_ids)
+        contexts = self.lane_control.contexts_for(
+            scheduler_output, prefill_inflight=self._inflight is not None or scheduler_output.prefill is not None
+        )
         if scheduler_output.prefill is not None:
-            self._launch_prefill(scheduler_output.prefill)
+            self._launch_prefill(scheduler_output.prefill, contexts.prefill)
         self.lane_states.claim(self.model_runner, scheduler_output)
         decode_tokens = scheduler_output.total_num_scheduled_tokens
+        started = time.perf_counter()
         output = self.decode_lane.run(
             run_lane_step, self.model_runner, scheduler_output, scheduler_output.grammar,
-            label="decode" if decode_tokens else "idle", num_tokens=decode_tokens,
+            label="decode" if decode_tokens else "idle", num_tokens=decode_tokens, context=contexts.decode,
         )
+        self.lane_control.observe_decode(scheduler_output, (time.perf_counter() - started) * 1000)
         # No decode work: wait a little for the prefill instead of spinning the engine loop.
         self._collect_prefill(timeout=0.0 if decode_tokens else self.rapid_config.idle_wait_ms / 1000)
         finished, self._finished_prefill = self._finished_prefill, None
         return RapidModelRunnerOutput.wrap(output, finished)
 
-    def _launch_prefill(self, launch: PrefillLaunch) -> None:
+    def _launch_prefill(self, launch: PrefillLaunch, context: ContextFactory) -> None:
         if self._inflight is not None:
             raise RuntimeError(f"prefill batch {launch.batch_id} launched while {self._inflight.batch_id} runs")
         self.lane_states.claim(self.prefill_runner, launch.scheduler_output)
@@ -156,6 +169,7 @@ class RapidWorker(PlatformWorker):
         self._inflight_future = self.prefill_lane.submit(
             run_lane_step, self.prefill_runner, launch.scheduler_output, launch.grammar_output,
             label=f"prefill#{launch.batch_id}", num_tokens=launch.scheduler_output.total_num_scheduled_tokens,
+            context=context,
         )
 
     def _collect_prefill(self, timeout: float) -> None:
@@ -182,6 +196,10 @@ class RapidWorker(PlatformWorker):
                     lane.events.clear()
         return [dataclasses.asdict(e) for e in events]
 
+    def rapid_arm_state(self) -> dict[str, Any]:
+        """The split the lanes run on now and the ARM's reason for it."""
+        return self.lane_control.state()
+
     def rapid_num_request_states(self) -> int:
         """Request states held by either runner or parked between them (0 when idle)."""
         return self.lane_states.num_states()
@@ -191,6 +209,7 @@ class RapidWorker(PlatformWorker):
             self._inflight_future.result()  # drain: never tear down under a running prefill
         self.decode_lane.close()
         self.prefill_lane.close()
+        self.lane_control.close()
         super().shutdown()
 
 
