@@ -1,0 +1,100 @@
+"""Fast checks (no engine): the start-up hook, scheduler names, RAPID options and the forward-context patch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from vllm_rapid.config import RapidConfig, RapidConfigError
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})
+
+
+def test_scheduler_keyword_works_without_importing_the_plugin():
+    """LLM(..., scheduler="rapid") builds EngineArgs before plugins load: the .pth start-up hook covers it."""
+    code = ("from vllm.engine.arg_utils import EngineArgs; import sys; "
+            "assert 'vllm_rapid.engine_args' in sys.modules; "
+            "print(EngineArgs(model='m', scheduler='rapid').scheduler_cls)")
+    done = run_python(code)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("vllm_rapid.scheduler.RapidScheduler")
+
+
+def test_autoload_opt_out_and_explicit_enable():
+    code = "from vllm.engine.arg_utils import EngineArgs; EngineArgs(model='m', scheduler='rapid')"
+    opted_out = run_python(code, VLLM_RAPID_AUTOLOAD="0")
+    assert opted_out.returncode != 0 and "scheduler" in opted_out.stderr
+    enabled = run_python("import vllm_rapid; vllm_rapid.enable(); " + code, VLLM_RAPID_AUTOLOAD="0")
+    assert enabled.returncode == 0, enabled.stderr
+
+
+def test_unknown_scheduler_name_lists_valid_names():
+    from vllm.engine.arg_utils import EngineArgs
+
+    with pytest.raises(ValueError, match="valid schedulers: default, rapid"):
+        EngineArgs(model="m", scheduler="fifo")
+    assert EngineArgs(model="m", scheduler="default").scheduler_cls is None
+
+
+def test_rapid_config_sources(tmp_path, monkeypatch):
+    path = tmp_path / "rapid.yaml"
+    path.write_text("rapid:\n  itl_slo_ms: 40\n  partition_backend: streams\n")
+    monkeypatch.setenv("VLLM_RAPID_CONFIG", str(path))
+    config = RapidConfig.from_sources({"rapid": {"partition_backend": "threads"}})
+    assert config.itl_slo_ms == 40.0 and config.partition_backend == "threads"  # additional_config wins
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"itl_slo": 1}, "unknown rapid option"),
+        ({"itl_slo_ms": "fast"}, "rapid.itl_slo_ms must be float"),
+        ({"arm_policy": "greedy"}, "must be one of"),
+        ({"static_decode_fraction": 1.5}, "static_decode_fraction"),
+        ({"prefill_chunk_tokens": 0}, "prefill_chunk_tokens"),
+    ],
+)
+def test_bad_rapid_options_are_named(options, message):
+    with pytest.raises(RapidConfigError, match=message):
+        RapidConfig.from_dict(options)
+
+
+def test_bad_yaml_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("itl_slo_ms: [unclosed\n")
+    with pytest.raises(RapidConfigError, match="not valid YAML"):
+        RapidConfig.from_sources({"rapid": str(bad)})
+    with pytest.raises(RapidConfigError, match="cannot read"):
+        RapidConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_forward_context_is_per_thread():
+    import vllm.forward_context as fc
+
+    from vllm_rapid.forward_context_patch import apply_thread_local_forward_context
+
+    apply_thread_local_forward_context()
+    seen = {}
+
+    def lane(name: str, ready: threading.Barrier) -> None:
+        with fc.override_forward_context(name):
+            ready.wait()  # both lanes are inside their forward at once
+            seen[name] = fc.get_forward_context()
+            ready.wait()
+        seen[name + "-after"] = fc.is_forward_context_available()
+
+    barrier = threading.Barrier(2)
+    threads = [threading.Thread(target=lane, args=(n, barrier)) for n in ("decode", "prefill")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == {"decode": "decode", "prefill": "prefill", "decode-after": False, "prefill-after": False}
