@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import subprocess
@@ -12,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from fake_backend import FakeBackend
 from vllm_rapid.arm import (
     AdaptiveResourceManager,
     DecodeProfile,
@@ -21,7 +21,7 @@ from vllm_rapid.arm import (
     RooflineEstimate,
 )
 from vllm_rapid.config import RapidConfig
-from vllm_rapid.partition import PartitionBackend, Split
+from vllm_rapid.partition import Split
 from vllm_rapid.profile_cli import NO_GPU_EXIT_CODE, LlamaStack, ModelDims, main
 
 TOTAL = 100
@@ -32,19 +32,8 @@ CONTEXTS = [512, 2048, 8192]
 FULL_OVERLAP_FACTOR = 3.0
 
 
-class FakeBackend(PartitionBackend):
-    """Pre-created splits without any device behind them."""
-
-    name = "fake"
-
-    def __init__(self, total: int = TOTAL, decode_units: list[int] = PARTITIONS) -> None:
-        super().__init__(total)
-        for units in decode_units:
-            self._register(Split(units, total - units, total, False), contextlib.nullcontext, contextlib.nullcontext)
-        self._register(self.full_split(), contextlib.nullcontext, contextlib.nullcontext)
-
-    def close(self) -> None:
-        self._contexts.clear()
+def make_backend(total: int = TOTAL, decode_units: list[int] = PARTITIONS) -> FakeBackend:
+    return FakeBackend(total, decode_units)
 
 
 def base_ms(batch: int, context: int) -> float:
@@ -67,7 +56,7 @@ def make_profile() -> DecodeProfile:
 
 def make_arm(**options) -> tuple[AdaptiveResourceManager, FakeBackend]:
     options = {"itl_slo_ms": 30.0, "ttft_slo_ms": 1000.0, "arm_hysteresis_steps": 1, **options}
-    backend = FakeBackend()
+    backend = make_backend()
     return AdaptiveResourceManager(RapidConfig(**options), backend, profile=make_profile()), backend
 
 
@@ -174,13 +163,13 @@ def test_cpu_threads_backend_always_overlaps():
 
 def test_profile_from_another_device_is_refused():
     with pytest.raises(ProfileError, match="re-run `vllm-rapid profile`"):
-        AdaptiveResourceManager(RapidConfig(), FakeBackend(total=132, decode_units=[40]), profile=make_profile())
+        AdaptiveResourceManager(RapidConfig(), make_backend(total=132, decode_units=[40]), profile=make_profile())
 
 
 def test_adaptive_policy_needs_a_profile_or_an_estimate():
     with pytest.raises(ValueError, match="profile"):
-        AdaptiveResourceManager(RapidConfig(), FakeBackend())
-    AdaptiveResourceManager(RapidConfig(arm_policy="full_overlap"), FakeBackend())
+        AdaptiveResourceManager(RapidConfig(), make_backend())
+    AdaptiveResourceManager(RapidConfig(arm_policy="full_overlap"), make_backend())
 
 
 # --- profile table ---
@@ -211,7 +200,7 @@ def test_arm_loads_the_profile_named_by_the_config(tmp_path):
     path = tmp_path / "profile.yaml"
     make_profile().save(path)
     config = RapidConfig(profile_path=str(path), itl_slo_ms=30.0, arm_hysteresis_steps=1)
-    arm = AdaptiveResourceManager(config, FakeBackend())
+    arm = AdaptiveResourceManager(config, make_backend())
     assert arm.decide(**HEAVY).split.decode_units == 60
 
 
@@ -282,7 +271,7 @@ def test_roofline_estimate_shape():
 
 
 def test_roofline_is_used_without_a_profile_and_says_so_once(caplog):
-    backend = FakeBackend(total=132, decode_units=[40, 56, 72, 88, 104])
+    backend = make_backend(total=132, decode_units=[40, 56, 72, 88, 104])
     with caplog.at_level(logging.INFO, logger="vllm_rapid.arm"):
         arm = AdaptiveResourceManager(
             RapidConfig(itl_slo_ms=30.0, arm_hysteresis_steps=1), backend, roofline=llama8b_on_h200()

@@ -11,8 +11,9 @@ import types
 import pytest
 import torch
 
+from fake_backend import FakeBackend
 from vllm_rapid.lanes import Lane
-from vllm_rapid.partition import PartitionBackend, Split, create_partition_backend
+from vllm_rapid.partition import Split, create_partition_backend
 from vllm_rapid.partition import select
 from vllm_rapid.partition.amd import (
     MI300X_CUS,
@@ -29,21 +30,6 @@ from vllm_rapid.partition.nvidia import FINE_SM_GRANULARITY, SM_GRANULARITY
 
 H200_SMS = 132
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-
-
-class FakeBackend(PartitionBackend):
-    """Pre-created splits without any device behind them."""
-
-    name = "fake"
-
-    def __init__(self, total: int, decode_units: list[int]) -> None:
-        super().__init__(total)
-        for units in decode_units:
-            self._register(Split(units, total - units, total, False), contextlib.nullcontext, contextlib.nullcontext)
-        self._register(self.full_split(), contextlib.nullcontext, contextlib.nullcontext)
-
-    def close(self) -> None:
-        self._contexts.clear()
 
 
 # --- unit rounding (shared by green contexts and CU masks) ---

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from vllm_rapid.config import RapidConfig
+from vllm_rapid.yaml_file import read_yaml
 from vllm_rapid.partition.base import PartitionBackend, Split
 
 logger = logging.getLogger(__name__)
@@ -96,14 +97,7 @@ class DecodeProfile:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> DecodeProfile:
-        import yaml
-
-        try:
-            data = yaml.safe_load(Path(path).read_text())
-        except OSError as exc:
-            raise ProfileError(f"cannot read ARM profile {path}: {exc}") from exc
-        except yaml.YAMLError as exc:
-            raise ProfileError(f"ARM profile {path} is not valid YAML: {exc}") from exc
+        data = read_yaml(path, "ARM profile", ProfileError)
         try:
             return cls.from_dict(data)
         except ProfileError as exc:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
+
+from vllm_rapid.yaml_file import read_yaml
 
 PartitionBackendName = Literal["auto", "green_context", "cu_mask", "streams", "threads"]
 ArmPolicyName = Literal["adaptive", "full_overlap", "static"]
@@ -77,14 +78,7 @@ class RapidConfig:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> RapidConfig:
         """Load a YAML mapping of RAPID options (optionally nested under a top-level ``rapid:`` key)."""
-        import yaml
-
-        try:
-            data = yaml.safe_load(Path(path).read_text())
-        except OSError as exc:
-            raise RapidConfigError(f"cannot read RAPID config {path}: {exc}") from exc
-        except yaml.YAMLError as exc:
-            raise RapidConfigError(f"RAPID config {path} is not valid YAML: {exc}") from exc
+        data = read_yaml(path, "RAPID config", RapidConfigError)
         if isinstance(data, dict) and set(data) == {ADDITIONAL_CONFIG_KEY}:
             data = data[ADDITIONAL_CONFIG_KEY]
         if data is not None and not isinstance(data, dict):
