@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+from collections import deque
 import threading
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, ContextManager
 
 ContextFactory = Callable[[], ContextManager[Any]]
+MAX_RECORDED_EVENTS = 100_000
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,8 @@ class Lane:
         self._queue: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
         self._pending = 0
         self._lock = threading.Lock()
-        self.events: list[LaneEvent] | None = [] if record_events else None
+        # Bounded: a long-running server keeps only the most recent batches.
+        self.events: deque[LaneEvent] | None = deque(maxlen=MAX_RECORDED_EVENTS) if record_events else None
         self._thread = threading.Thread(target=self._run, name=f"rapid-lane-{name}", daemon=True)
         self._thread.start()
 

@@ -189,7 +189,7 @@ class RapidWorker(PlatformWorker):
 
     def rapid_lane_events(self, clear: bool = False) -> list[dict[str, Any]]:
         """Recorded lane batches (``record_lane_events``), oldest first, as plain dicts."""
-        events = sorted((self.decode_lane.events or []) + (self.prefill_lane.events or []), key=lambda e: e.start)
+        events = sorted([*(self.decode_lane.events or ()), *(self.prefill_lane.events or ())], key=lambda e: e.start)
         if clear:
             for lane in (self.decode_lane, self.prefill_lane):
                 if lane.events is not None:
