@@ -40,6 +40,9 @@ else:
 logger = init_logger(__name__)
 
 LANE_GIL_SWITCH_INTERVAL_S = 0.0002
+# CPU: the prefill lane's OS priority. 10 keeps decode ITL within ~1.2x of decode alone while the prefill still gets
+# enough CPU (19 starved it: 7 s TTFT; see benchmarks/results/cpu-lane-overlap.json for the chosen value).
+CPU_PREFILL_NICENESS = 10
 
 
 def run_lane_step(runner: Any, scheduler_output: SchedulerOutput, grammar: GrammarOutput | None) -> ModelRunnerOutput:
@@ -64,7 +67,7 @@ class RapidWorker(PlatformWorker):
         record = self.rapid_config.record_lane_events
         if current_platform.is_cpu():
             decode_threads, prefill_threads = _cpu_thread_split()
-            decode_init, prefill_init = _cpu_lane_init(decode_threads, 0), _cpu_lane_init(prefill_threads, 19)
+            decode_init, prefill_init = _cpu_lane_init(decode_threads, 0), _cpu_lane_init(prefill_threads, 5)
         else:
             decode_init = prefill_init = None
         self.lane_control = LaneController(
@@ -246,9 +249,9 @@ def _cpu_thread_split() -> tuple[int, int]:
 def _cpu_lane_init(num_threads: int, niceness: int):
     """A CPU lane's thread initializer: its OpenMP team size, and its OS priority.
 
-    The prefill lane runs at the lowest priority, so on a busy machine the decode lane (and the engine loop that
-    feeds it) get the cores first and the prefill lane soaks up what is left: the CPU form of giving decode the
-    share it needs and prefill the rest.
+    The prefill lane runs at a lower priority, so on a busy machine the decode lane (and the engine loop that
+    feeds it) get the cores first and the prefill lane soaks up most of what is left: the CPU form of giving
+    decode the share it needs and prefill the rest.
     """
 
     def init() -> None:
