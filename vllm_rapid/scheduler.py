@@ -18,11 +18,11 @@ Three hazards that a single stream hides are fenced here:
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from vllm.logger import init_logger
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.request_queue import create_request_queue
 from vllm.v1.core.sched.scheduler import Scheduler
@@ -33,7 +33,7 @@ from vllm.v1.request import Request, RequestStatus
 from vllm_rapid.config import RapidConfig
 from vllm_rapid.protocol import PrefillLaunch, PrefillResult, RapidSchedulerOutput
 
-logger = init_logger(__name__)
+logger = logging.getLogger(__name__)
 
 
 @dataclass

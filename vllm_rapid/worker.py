@@ -10,6 +10,7 @@ steps while decode steps keep completing.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import sys
 import threading
@@ -19,7 +20,6 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 import torch
-from vllm.logger import init_logger
 from vllm.platforms import current_platform
 from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
 from vllm.v1.outputs import ModelRunnerOutput
@@ -27,8 +27,8 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from vllm_rapid.config import RapidConfig
 from vllm_rapid.forward_context_patch import apply_thread_local_forward_context
-from vllm_rapid.lane_states import LaneStates
 from vllm_rapid.lane_control import LaneController
+from vllm_rapid.lane_states import LaneStates
 from vllm_rapid.lanes import ContextFactory, Lane
 from vllm_rapid.protocol import PrefillLaunch, PrefillResult, RapidModelRunnerOutput, RapidSchedulerOutput
 
@@ -37,7 +37,7 @@ if current_platform.is_cpu():
 else:
     from vllm.v1.worker.gpu_worker import Worker as PlatformWorker
 
-logger = init_logger(__name__)
+logger = logging.getLogger(__name__)
 
 LANE_GIL_SWITCH_INTERVAL_S = 0.0002
 # CPU: the prefill lane's OS priority. 10 keeps decode ITL within ~1.2x of decode alone while the prefill still gets

@@ -1,0 +1,251 @@
+"""``vllm serve --scheduler rapid`` end to end: one real server (API server, engine core and worker processes) on a
+tiny model, driven through the OpenAI API and ``vllm bench serve``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+HOST = "127.0.0.1"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+STARTUP_TIMEOUT_S = 300
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def server_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # conftest's in-process engine core: not for a real server
+    return env
+
+
+@dataclass
+class Server:
+    model: str
+    port: int
+    log_path: Path
+    proc: subprocess.Popen
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def post(self, path: str, body: dict, timeout: float = 60) -> dict:
+        request = urllib.request.Request(
+            self.url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """Stop ``vllm serve`` and every process it started (its own session): SIGINT, then SIGTERM, then SIGKILL."""
+    for sig, wait_s in ((signal.SIGINT, 30), (signal.SIGTERM, 15), (signal.SIGKILL, 15)):
+        if proc.poll() is not None:
+            break
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=wait_s)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # workers left behind by a parent that died first
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    """ONE ``vllm serve --config examples/rapid.yaml`` (``scheduler: rapid``) for the whole module.
+
+    RAPID options come from examples/rapid_config.yaml through VLLM_RAPID_CONFIG, merged with
+    ``--additional-config`` (lane records on); dev mode exposes ``/collective_rpc`` to read the records.
+    """
+    log_path = tmp_path_factory.mktemp("serve") / "server.log"
+    port = free_port()
+    cmd = [
+        "vllm", "serve", tiny_model,
+        "--config", str(EXAMPLES / "rapid.yaml"),
+        "--dtype", "float32",
+        "--enforce-eager",
+        "--seed", "0",
+        "--host", HOST,
+        "--port", str(port),
+        "--additional-config", json.dumps({"rapid": {"record_lane_events": True}}),
+    ]
+    env = server_env() | {"VLLM_SERVER_DEV_MODE": "1", "VLLM_RAPID_CONFIG": str(EXAMPLES / "rapid_config.yaml")}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True)
+    srv = Server(tiny_model, port, log_path, proc)
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not _healthy(srv.url):
+            if proc.poll() is not None:
+                pytest.fail(f"vllm serve exited with {proc.returncode} during start-up:\n{srv.log_tail()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"vllm serve not healthy after {STARTUP_TIMEOUT_S} s:\n{srv.log_tail()}")
+            time.sleep(0.5)
+        yield srv
+    finally:
+        _stop_group(proc)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    with OpenAI(base_url=server.url + "/v1", api_key="EMPTY", timeout=120, max_retries=0) as c:
+        yield c
+
+
+def complete(client, model: str, endpoint: str, stream: bool, **kwargs) -> tuple[str, str | None]:
+    """(text, finish_reason) of one completion or chat completion, streamed or not."""
+    if endpoint == "completions":
+        call = client.completions.create
+        kwargs["prompt"] = "The quick brown fox jumps over the lazy dog. Serving systems trade latency"
+    else:
+        call = client.chat.completions.create
+        kwargs["messages"] = [{"role": "user", "content": "Hello world! How are you today?"}]
+    response = call(model=model, temperature=0.0, stream=stream, **kwargs)
+    if not stream:
+        choice = response.choices[0]
+        return (choice.text if endpoint == "completions" else choice.message.content), choice.finish_reason
+    text, finish_reason = [], None
+    for chunk in response:
+        if not chunk.choices:
+            continue
+        choice = chunk.choices[0]
+        piece = choice.text if endpoint == "completions" else choice.delta.content
+        text.append(piece or "")
+        finish_reason = choice.finish_reason or finish_reason
+    return "".join(text), finish_reason
+
+
+ENDPOINTS = ["completions", "chat"]
+STREAM = pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+@STREAM
+def test_length_finish(server, client, endpoint, stream):
+    text, finish_reason = complete(client, server.model, endpoint, stream, max_tokens=16,
+                                   extra_body={"ignore_eos": True})
+    assert text.strip()
+    assert finish_reason == "length"
+
+
+def _stop_string(text: str) -> str | None:
+    """A short printable-ASCII piece of ``text`` (not at its start) whose first occurrence is where it stands."""
+    for i in range(2, len(text) - 2):
+        piece = text[i:i + 2]
+        if piece.isascii() and piece.isprintable() and piece.strip() == piece and text.find(piece) == i:
+            return piece
+    return None
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+@STREAM
+def test_stop_finish(server, client, endpoint, stream):
+    full, finish_reason = complete(client, server.model, endpoint, False, max_tokens=32,
+                                   extra_body={"ignore_eos": True})
+    assert finish_reason == "length"
+    stop = _stop_string(full)
+    if stop is None:
+        pytest.skip(f"no usable stop string in the model's output {full!r}")
+    text, finish_reason = complete(client, server.model, endpoint, stream, max_tokens=32, stop=[stop],
+                                   extra_body={"ignore_eos": True})
+    assert finish_reason == "stop", (full, stop, text)
+    assert text and stop not in text
+    assert full.startswith(text)  # greedy: the same tokens, cut at the stop string
+
+
+def test_concurrent_mixed_requests(server, client):
+    """Long and short prompts at once: every request completes with all its tokens."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int):
+        prompt = [2 + (i * 7 + j) % 300 for j in range(1500 if i % 4 == 0 else 40)]
+        response = client.completions.create(model=server.model, prompt=prompt, max_tokens=24, temperature=0.0,
+                                             extra_body={"ignore_eos": True})
+        return response.usage.prompt_tokens, response.usage.completion_tokens, response.choices[0].finish_reason
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        results = list(pool.map(one, range(12)))
+    assert sorted(r[0] for r in results) == sorted(1500 if i % 4 == 0 else 40 for i in range(12))
+    assert all(r[1:] == (24, "length") for r in results)
+
+
+def test_runs_rapid_scheduler(server, client):
+    complete(client, server.model, "completions", False, max_tokens=8)
+    log = server.log()
+    assert "RAPID scheduler" in log, server.log_tail()  # the RapidScheduler's own start-up line
+    # The RapidWorker's lane records (on through --additional-config, merged with VLLM_RAPID_CONFIG's file).
+    results = server.post("/collective_rpc", {"method": "rapid_lane_events"})["results"]
+    assert len(results) == 1  # one worker
+    events = results[0]
+    lanes = {e["lane"] for e in events}
+    assert lanes == {"prefill", "decode"}, lanes
+    assert any(e["label"].startswith("prefill#") and e["num_tokens"] > 0 for e in events)
+    assert any(e["label"] == "decode" and e["num_tokens"] > 0 for e in events)
+    arm = server.post("/collective_rpc", {"method": "rapid_arm_state"})["results"][0]
+    assert isinstance(arm, dict) and arm
+
+
+def test_bench_serve(server, tmp_path):
+    result_dir = tmp_path / "bench"
+    result_dir.mkdir()
+    cmd = ["vllm",
+        "bench", "serve",
+        "--backend", "vllm",
+        "--model", server.model,
+        "--tokenizer", server.model,
+        "--host", HOST,
+        "--port", str(server.port),
+        "--dataset-name", "random",
+        "--num-prompts", "200",
+        "--request-rate", "20",
+        "--random-input-len", "256",
+        "--random-output-len", "32",
+        "--seed", "0",
+        "--disable-tqdm",
+        "--save-result",
+        "--result-dir", str(result_dir),
+        "--result-filename", "bench.json",
+    ]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=400, env=server_env(),
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((result_dir / "bench.json").read_text())
+    assert result["num_prompts"] == 200
+    assert result["completed"] == 200, {k: v for k, v in result.items() if not isinstance(v, list)}
+    assert result["failed"] == 0
+    assert result["total_output_tokens"] > 0
+    assert server.proc.poll() is None  # the server survived the load
