@@ -3,159 +3,27 @@
 For every split the partition backend pre-creates, it times a decode step (one CUDA graph, as served) for a grid of
 batch sizes and context lengths while a prefill runs on the other lane, and the prefill throughput of the prefill
 partition. The model is a Llama-shaped stack of torch ops with random weights: step times depend on shapes, not
-values. The result is the YAML file that ``rapid.profile_path`` points to.
+values (see :mod:`vllm_rapid.layer_stack`). The result is the YAML file that ``rapid.profile_path`` points to.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from vllm_rapid.arm import DecodeProfile, DecodeSample, PrefillSample
 from vllm_rapid.lanes import ContextFactory
+from vllm_rapid.layer_stack import LlamaStack, ModelDims, capture_graph
 from vllm_rapid.partition import PartitionBackend, create_partition_backend
 
 logger = logging.getLogger(__name__)
 
 NO_GPU_EXIT_CODE = 2
-
-
-@dataclass(frozen=True)
-class ModelDims:
-    """The shapes that set a Llama decoder's step time."""
-
-    hidden_size: int = 4096
-    num_layers: int = 32
-    num_heads: int = 32
-    num_kv_heads: int = 8
-    intermediate_size: int = 14336
-    vocab_size: int = 128256
-    head_dim: int = 128
-
-    @classmethod
-    def from_hf_config(cls, path: str | Path, num_layers: int | None = None) -> ModelDims:
-        """Read a Hugging Face ``config.json`` (or the directory holding one)."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        config = json.loads(path.read_text())
-        heads = config["num_attention_heads"]
-        return cls(
-            hidden_size=config["hidden_size"],
-            num_layers=num_layers or config["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=config.get("num_key_value_heads", heads),
-            intermediate_size=config["intermediate_size"],
-            vocab_size=config["vocab_size"],
-            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-        )
-
-    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
-        """K and V of one token in every layer."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
-
-    def describe(self) -> str:
-        return (
-            f"llama hidden={self.hidden_size} layers={self.num_layers} heads={self.num_heads} "
-            f"kv_heads={self.num_kv_heads} intermediate={self.intermediate_size} vocab={self.vocab_size} bf16"
-        )
-
-
-class LlamaStack:
-    """Random-weight Llama decoder layers, final norm and LM head (inputs are hidden states, no embedding)."""
-
-    def __init__(self, dims: ModelDims, device: Any, dtype: Any) -> None:
-        import torch
-
-        def weight(*shape: int) -> Any:
-            return torch.randn(*shape, device=device, dtype=dtype) * 0.02
-
-        self.dims = dims
-        d, hd = dims, dims.head_dim
-        qkv_out = (d.num_heads + 2 * d.num_kv_heads) * hd
-        self.layers = [
-            {
-                "norm1": torch.ones(d.hidden_size, device=device, dtype=dtype),
-                "qkv": weight(d.hidden_size, qkv_out),
-                "o": weight(d.num_heads * hd, d.hidden_size),
-                "norm2": torch.ones(d.hidden_size, device=device, dtype=dtype),
-                "gate_up": weight(d.hidden_size, 2 * d.intermediate_size),
-                "down": weight(d.intermediate_size, d.hidden_size),
-            }
-            for _ in range(d.num_layers)
-        ]
-        self.final_norm = torch.ones(d.hidden_size, device=device, dtype=dtype)
-        self.lm_head = weight(d.hidden_size, d.vocab_size)
-
-    def decode(self, x: Any, k_cache: Any, v_cache: Any) -> Any:
-        """One decode step: ``x`` [batch, hidden]; caches [batch, kv_heads, context, head_dim].
-
-        All layers read the same cache tensors (it keeps the memory for large grids affordable; a cache far larger
-        than L2 costs the same bandwidth whichever layer reads it). The new token's K/V overwrite the last slot.
-        Each KV head's group of query heads is passed as a short query sequence: plain attention that reads the
-        cache once, with no need for GQA support in the fused kernels.
-        """
-        import torch.nn.functional as F
-
-        d, b = self.dims, x.shape[0]
-        group = d.num_heads // d.num_kv_heads
-        for layer in self.layers:
-            q, k, v = self._qkv(x, layer, b, 1)
-            k_cache[:, :, -1:].copy_(k)
-            v_cache[:, :, -1:].copy_(v)
-            attn = F.scaled_dot_product_attention(q.reshape(b, d.num_kv_heads, group, d.head_dim), k_cache, v_cache)
-            x = self._mlp(x + attn.reshape(b, d.num_heads * d.head_dim) @ layer["o"], layer)
-        return F.rms_norm(x, (d.hidden_size,), self.final_norm) @ self.lm_head
-
-    def prefill(self, x: Any) -> Any:
-        """One prompt: ``x`` [tokens, hidden], causal attention; logits of the last token only."""
-        import torch.nn.functional as F
-
-        d, t = self.dims, x.shape[0]
-        group = d.num_heads // d.num_kv_heads
-        for layer in self.layers:
-            q, k, v = self._qkv(x, layer, 1, t)
-            # Expanding K/V costs a few MB; it keeps the fused causal kernels usable whatever their GQA support.
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            x = self._mlp(x + attn.transpose(1, 2).reshape(t, d.num_heads * d.head_dim) @ layer["o"], layer)
-        return F.rms_norm(x[-1:], (d.hidden_size,), self.final_norm) @ self.lm_head
-
-    def _qkv(self, x: Any, layer: dict[str, Any], batch: int, tokens: int) -> tuple[Any, Any, Any]:
-        """q [batch, heads, tokens, hd] and k, v [batch, kv_heads, tokens, hd] (decode: tokens=1; prefill: batch=1)."""
-        import torch.nn.functional as F
-
-        d, hd = self.dims, self.dims.head_dim
-        qkv = F.rms_norm(x, (d.hidden_size,), layer["norm1"]) @ layer["qkv"]
-        q, k, v = qkv.view(batch, tokens, -1, hd).split([d.num_heads, d.num_kv_heads, d.num_kv_heads], dim=2)
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-
-    def _mlp(self, x: Any, layer: dict[str, Any]) -> Any:
-        import torch.nn.functional as F
-
-        gate, up = (F.rms_norm(x, (self.dims.hidden_size,), layer["norm2"]) @ layer["gate_up"]).chunk(2, dim=-1)
-        return x + (F.silu(gate) * up) @ layer["down"]
-
-
-def _capture(fn: Any, context: ContextFactory) -> Any:
-    """A CUDA graph of ``fn`` captured on the lane stream of ``context`` (so it stays on that partition)."""
-    import torch
-
-    with context():
-        stream = torch.cuda.current_stream()
-        fn()  # warm-up on the same stream: library handles, kernel selection
-        stream.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            fn()
-    return graph
+__all__ = ["NO_GPU_EXIT_CODE", "LlamaStack", "ModelDims", "build_parser", "main", "profile_backend"]
 
 
 def _time_replays(graph: Any, context: ContextFactory, iters: int) -> tuple[Any, Any]:
@@ -189,7 +57,7 @@ def profile_backend(
     prefill_samples: list[PrefillSample] = []
     for split in backend.splits():
         decode_ctx, prefill_ctx = backend.lane_contexts(split)
-        prefill = _capture(lambda: stack.prefill(prompt), prefill_ctx)
+        prefill = capture_graph(lambda: stack.prefill(prompt), prefill_ctx)
         start, end = _time_replays(prefill, prefill_ctx, iters)
         torch.cuda.synchronize()
         prefill_ms = start.elapsed_time(end) / iters
@@ -228,7 +96,7 @@ def _decode_under_prefill(
     x = torch.randn(batch, d.hidden_size, device=device, dtype=dtype)
     k_cache = torch.randn(batch, d.num_kv_heads, context, d.head_dim, device=device, dtype=dtype)
     v_cache = torch.randn_like(k_cache)
-    graph = _capture(lambda: stack.decode(x, k_cache, v_cache), decode_ctx)
+    graph = capture_graph(lambda: stack.decode(x, k_cache, v_cache), decode_ctx)
     start, end = _time_replays(graph, decode_ctx, iters)  # alone, to size the prefill backlog
     torch.cuda.synchronize()
     alone_ms = start.elapsed_time(end) / iters
