@@ -11,6 +11,7 @@ import time
 
 import pytest
 from vllm import LLM, SamplingParams
+from vllm.sampling_params import StructuredOutputsParams
 
 from vllm_rapid.lane_events import summarize_overlap
 
@@ -102,6 +103,24 @@ def test_seeded_sampling_matches_default_scheduler(default_llm, rapid_llm):
               for i in range(len(prompts))]
     expected = token_ids(default_llm.generate(prompts, params, use_tqdm=False))
     assert token_ids(rapid_llm.generate(prompts, params, use_tqdm=False)) == expected
+
+
+def test_single_token_structured_and_parallel_sampling_match_default(default_llm, rapid_llm):
+    """Requests that finish on the prefill lane, grammar-constrained first tokens, and n > 1 sampling."""
+    prompts = prompts_of_lengths([5, 300, 700], seed=7)
+    choice = StructuredOutputsParams(choice=["alpha", "beta", "gamma"])
+    cases = [
+        (prompts, SamplingParams(temperature=0.0, max_tokens=1)),
+        (["Pick one:"] * 3, SamplingParams(temperature=0.0, max_tokens=20, structured_outputs=choice)),
+        (prompts[:2], SamplingParams(temperature=0.8, seed=3, n=3, max_tokens=6)),
+    ]
+    for case_prompts, params in cases:
+        expected = default_llm.generate(case_prompts, params, use_tqdm=False)
+        got = rapid_llm.generate(case_prompts, params, use_tqdm=False)
+        assert [[c.token_ids for c in o.outputs] for o in got] == [[c.token_ids for c in o.outputs] for o in expected]
+    assert all(o.outputs[0].text in ("alpha", "beta", "gamma")
+               for o in rapid_llm.generate(["Pick one:"], cases[1][1], use_tqdm=False))
+    assert_idle_and_clean(rapid_llm)
 
 
 def test_decode_is_not_blocked_by_a_long_prefill(small_model):
