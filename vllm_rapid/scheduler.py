@@ -105,8 +105,10 @@ class RapidScheduler(Scheduler):
         """Run vLLM's scheduling pass over one lane's requests only, then restore the shared queues."""
         all_running = self.running
         is_decode = lane == "decode"
-        lane_reqs = [r for r in all_running if self.in_prefill_lane(r) != is_decode]
-        others = [r for r in all_running if self.in_prefill_lane(r) == is_decode]
+        lane_reqs: list[Request] = []
+        others: list[Request] = []
+        for request in all_running:
+            (others if self.in_prefill_lane(request) == is_decode else lane_reqs).append(request)
         saved = (self.waiting, self.kv_holding_waiting, self.max_num_scheduled_tokens, self.max_num_active_reqs)
         self.running = lane_reqs
         self.prev_step_scheduled_req_ids = self._prev_ids_by_lane[lane]
