@@ -3,83 +3,16 @@ tiny model, driven through the OpenAI API and ``vllm bench serve``."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import socket
 import subprocess
-import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from vllm_server import HOST, serve, vllm_env
 
 pytestmark = pytest.mark.slow
 
-HOST = "127.0.0.1"
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-STARTUP_TIMEOUT_S = 300
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-def server_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # conftest's in-process engine core: not for a real server
-    return env
-
-
-@dataclass
-class Server:
-    model: str
-    port: int
-    log_path: Path
-    proc: subprocess.Popen
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def log_tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log().splitlines()[-lines:])
-
-    def post(self, path: str, body: dict, timeout: float = 60) -> dict:
-        request = urllib.request.Request(
-            self.url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read())
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    """Stop ``vllm serve`` and every process it started (its own session): SIGINT, then SIGTERM, then SIGKILL."""
-    for sig, wait_s in ((signal.SIGINT, 30), (signal.SIGTERM, 15), (signal.SIGKILL, 15)):
-        if proc.poll() is not None:
-            break
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=wait_s)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)  # workers left behind by a parent that died first
-
 
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
@@ -88,34 +21,16 @@ def server(tiny_model, tmp_path_factory):
     RAPID options come from examples/rapid_config.yaml through VLLM_RAPID_CONFIG, merged with
     ``--additional-config`` (lane records on); dev mode exposes ``/collective_rpc`` to read the records.
     """
-    log_path = tmp_path_factory.mktemp("serve") / "server.log"
-    port = free_port()
-    cmd = [
-        "vllm", "serve", tiny_model,
+    args = [
         "--config", str(EXAMPLES / "rapid.yaml"),
         "--dtype", "float32",
         "--enforce-eager",
         "--seed", "0",
-        "--host", HOST,
-        "--port", str(port),
         "--additional-config", json.dumps({"rapid": {"record_lane_events": True}}),
     ]
-    env = server_env() | {"VLLM_SERVER_DEV_MODE": "1", "VLLM_RAPID_CONFIG": str(EXAMPLES / "rapid_config.yaml")}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                start_new_session=True)
-    srv = Server(tiny_model, port, log_path, proc)
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not _healthy(srv.url):
-            if proc.poll() is not None:
-                pytest.fail(f"vllm serve exited with {proc.returncode} during start-up:\n{srv.log_tail()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"vllm serve not healthy after {STARTUP_TIMEOUT_S} s:\n{srv.log_tail()}")
-            time.sleep(0.5)
+    env = {"VLLM_SERVER_DEV_MODE": "1", "VLLM_RAPID_CONFIG": str(EXAMPLES / "rapid_config.yaml")}
+    with serve(tiny_model, args, tmp_path_factory.mktemp("serve") / "server.log", env) as srv:
         yield srv
-    finally:
-        _stop_group(proc)
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +155,7 @@ def test_bench_serve(server, tmp_path):
         "--result-dir", str(result_dir),
         "--result-filename", "bench.json",
     ]
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=400, env=server_env(),
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=400, env=vllm_env(),
                           stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((result_dir / "bench.json").read_text())
