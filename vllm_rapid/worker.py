@@ -40,8 +40,8 @@ else:
 logger = logging.getLogger(__name__)
 
 LANE_GIL_SWITCH_INTERVAL_S = 0.0002
-# CPU: the prefill lane's OS priority. 10 keeps decode ITL within ~1.2x of decode alone while the prefill still gets
-# enough CPU (19 starved it: 7 s TTFT; see benchmarks/results/cpu-lane-overlap.json for the chosen value).
+# CPU: the prefill lane's OS priority. 10 keeps decode close to its pace alone while the prefill still gets enough
+# CPU (19 starved it); benchmarks/lane_overlap.py measures the result (benchmarks/results/cpu-lane-overlap.json).
 CPU_PREFILL_NICENESS = 10
 
 
