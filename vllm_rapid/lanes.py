@@ -47,18 +47,10 @@ class Lane:
         self._default_context = context or contextlib.nullcontext
         self._thread_init = thread_init
         self._queue: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
-        self._pending = 0
-        self._lock = threading.Lock()
         # Bounded: a long-running server keeps only the most recent batches.
         self.events: deque[LaneEvent] | None = deque(maxlen=MAX_RECORDED_EVENTS) if record_events else None
         self._thread = threading.Thread(target=self._run, name=f"rapid-lane-{name}", daemon=True)
         self._thread.start()
-
-    @property
-    def busy(self) -> bool:
-        """True while submitted work has not finished."""
-        with self._lock:
-            return self._pending > 0
 
     def submit(
         self,
@@ -71,8 +63,6 @@ class Lane:
     ) -> Future:
         """Queue ``fn(*args, **kwargs)`` to run on this lane; the future holds its result or exception."""
         future: Future = Future()
-        with self._lock:
-            self._pending += 1
         self._queue.put((future, fn, args, kwargs, label, num_tokens, context or self._default_context))
         return future
 
@@ -90,23 +80,19 @@ class Lane:
             self._thread_init()
         while (item := self._queue.get()) is not None:
             future, fn, args, kwargs, label, num_tokens, context = item
-            if future.set_running_or_notify_cancel():
-                start = time.monotonic()
-                try:
-                    with context():
-                        result = fn(*args, **kwargs)
-                except BaseException as exc:  # handed to the waiter, never lost in the thread
-                    self._finish(label, start, num_tokens)
-                    future.set_exception(exc)
-                    continue
-                self._finish(label, start, num_tokens)
-                future.set_result(result)
-            else:
-                with self._lock:
-                    self._pending -= 1
+            if not future.set_running_or_notify_cancel():
+                continue
+            start = time.monotonic()
+            try:
+                with context():
+                    result = fn(*args, **kwargs)
+            except BaseException as exc:  # handed to the waiter, never lost in the thread
+                self._record(label, start, num_tokens)
+                future.set_exception(exc)
+                continue
+            self._record(label, start, num_tokens)
+            future.set_result(result)
 
-    def _finish(self, label: str, start: float, num_tokens: int) -> None:
+    def _record(self, label: str, start: float, num_tokens: int) -> None:
         if self.events is not None:
             self.events.append(LaneEvent(self.name, label, start, time.monotonic(), num_tokens))
-        with self._lock:
-            self._pending -= 1
