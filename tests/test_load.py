@@ -220,7 +220,7 @@ async def _one(session, model: str, spec: Spec) -> Outcome:
         return Outcome(spec, "aborted")
     except asyncio.TimeoutError:
         return Outcome(spec, "error", error=f"no answer within {REQUEST_TIMEOUT_S} s")
-    except Exception as exc:  # noqa: BLE001 - every failure is reported with its request
+    except Exception as exc:
         return Outcome(spec, "error", error=f"{type(exc).__name__}: {exc}")
 
 

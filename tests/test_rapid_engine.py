@@ -28,9 +28,10 @@ ENGINE_KWARGS = dict(
 
 
 def make_llm(model: str, scheduler: str, kv_bytes: int = 64 << 20, max_model_len: int = 4096,
-             **rapid_options) -> LLM:
+             engine_kwargs: dict | None = None, **rapid_options) -> LLM:
     extra = {"additional_config": {"rapid": rapid_options}} if scheduler == "rapid" else {}
     kwargs = ENGINE_KWARGS | {"max_model_len": max_model_len, "max_num_batched_tokens": max_model_len}
+    kwargs |= engine_kwargs or {}
     return LLM(model, scheduler=scheduler, kv_cache_memory_bytes=kv_bytes, disable_log_stats=False,
                **kwargs, **extra)
 
@@ -241,3 +242,81 @@ def test_arm_state_is_exported(rapid_llm):
     assert state["backend"] == "threads"
     assert state["split"] == "P100-D100"
     assert state["reason"]
+
+
+def _fail_after(n: int, max_tokens: int = 12) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, extra_args={"fail_after_tokens": n})
+
+
+@pytest.fixture(scope="module")
+def failing_llm(tiny_model):
+    from failing_logits import FailOnRequest
+
+    return make_llm(tiny_model, "rapid", engine_kwargs={"logits_processors": [FailOnRequest]})
+
+
+def test_a_failed_prefill_batch_fails_only_its_requests(failing_llm, default_llm):
+    """A prefill batch that raises fails its requests with an error; requests decoding meanwhile finish exactly as
+    without the failure, every block comes back, and the engine keeps serving."""
+    llm = failing_llm
+    engine, sched = llm.llm_engine, scheduler_of(llm)
+    keep = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    survivors = prompts_of_lengths([40, 90, 300], seed=11)
+    for i, prompt in enumerate(survivors):
+        engine.add_request(f"ok-{i}", prompt, keep)
+    # The survivors decode before the poisoned request arrives, so they are never in its batch.
+    _step_until(llm, lambda: sched.running and not any(map(sched.in_prefill_lane, sched.running)))
+    engine.add_request("poison", prompts_of_lengths([200], seed=12)[0], _fail_after(0))
+    finished = run_until_idle(llm)
+    assert finished["poison"].outputs[0].finish_reason == "error"
+    assert not finished["poison"].outputs[0].token_ids
+    expected = token_ids(default_llm.generate(survivors, keep, use_tqdm=False))
+    assert [list(finished[f"ok-{i}"].outputs[0].token_ids) for i in range(3)] == expected
+    assert_idle_and_clean(llm)
+    _still_serving(llm)
+
+
+def test_a_failed_decode_step_fails_only_the_decode_batch(failing_llm, default_llm):
+    """A decode step that raises fails the decode batch's requests; the prefill in flight on the other lane and
+    its request carry on exactly as without the failure."""
+    llm = failing_llm
+    engine, sched = llm.llm_engine, scheduler_of(llm)
+    engine.add_request("poison", prompts_of_lengths([30], seed=17)[0], _fail_after(3))
+    _step_until(llm, lambda: sched.running and not sched.in_prefill_lane(sched.running[0]))
+    long_prompt = prompts_of_lengths([3000], seed=18)[0]
+    keep = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    engine.add_request("long", long_prompt, keep)
+    outputs = _step_until(llm, lambda: "poison" not in {r.request_id.rsplit("-", 1)[0] for r in sched.running})
+    assert any("long" in rid for rid in (sched.inflight_prefill.req_ids if sched.inflight_prefill else ())), (
+        "the long prefill finished before the decode failure: this test would mean nothing"
+    )
+    finished = {o.request_id: o for o in outputs if o.finished} | run_until_idle(llm)
+    assert finished["poison"].outputs[0].finish_reason == "error"
+    assert len(finished["poison"].outputs[0].token_ids) == 3
+    assert list(finished["long"].outputs[0].token_ids) == token_ids(
+        default_llm.generate([long_prompt], keep, use_tqdm=False))[0]
+    assert_idle_and_clean(llm)
+    _still_serving(llm)
+
+
+def _still_serving(llm: LLM) -> None:
+    """The next requests through both lanes complete normally."""
+    keep = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    after = llm.generate(prompts_of_lengths([20, 500], seed=13), keep, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in after] == [24, 24]
+    assert_idle_and_clean(llm)
+
+
+def test_a_failed_prefill_batch_fails_all_its_requests_and_only_them(failing_llm):
+    """Requests batched with a poisoned one on the prefill lane fail with it; those queued behind it do not."""
+    llm = failing_llm
+    engine = llm.llm_engine
+    keep = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    engine.add_request("poison", prompts_of_lengths([100], seed=14)[0], _fail_after(0))
+    engine.add_request("batch-mate", prompts_of_lengths([60], seed=15)[0], keep)
+    outputs = engine.step()  # one prefill batch with both
+    engine.add_request("later", prompts_of_lengths([50], seed=16)[0], keep)
+    finished = {o.request_id: o for o in outputs if o.finished} | run_until_idle(llm)
+    reasons = {rid: out.outputs[0].finish_reason for rid, out in finished.items()}
+    assert reasons == {"poison": "error", "batch-mate": "error", "later": "length"}
+    assert_idle_and_clean(llm)

