@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -107,3 +108,42 @@ def test_vllm_command_starts_with_the_cpu_wheel():
     import vllm
 
     assert done.stdout.strip().startswith(vllm.__version__)
+
+
+def test_thread_local_tp_group_reaches_every_binding_of_get_tp_group():
+    """patches/0004 at run time: a thread's override is what vLLM's model code gets, through any import of the name;
+    other threads still get vLLM's own group."""
+    from vllm.distributed import communication_op, parallel_state
+
+    from vllm_rapid.tp_lanes import apply_thread_local_tp_group, use_tp_group
+
+    apply_thread_local_tp_group()
+    lane_group, seen = object(), {}
+
+    def lane() -> None:
+        use_tp_group(lane_group)
+        seen["parallel_state"] = parallel_state.get_tp_group()
+        seen["communication_op"] = communication_op.get_tp_group()
+
+    thread = threading.Thread(target=lane)
+    thread.start()
+    thread.join()
+    assert seen == {"parallel_state": lane_group, "communication_op": lane_group}
+    with pytest.raises(AssertionError, match="tensor model parallel group is not initialized"):
+        parallel_state.get_tp_group()  # this thread has no override, and no TP group exists in this process
+
+
+@pytest.mark.parametrize("diff", sorted((Path(__file__).resolve().parent.parent / "patches").glob("*.diff")),
+                         ids=lambda p: p.name)
+def test_upstream_patch_applies_to_the_installed_vllm(diff):
+    """Each patches/*.diff is what the plugin applies at run time; it must apply cleanly to the vLLM in use."""
+    import shutil
+
+    import vllm
+
+    if shutil.which("patch") is None:
+        pytest.skip("needs the patch tool")
+    site_packages = Path(vllm.__file__).resolve().parent.parent
+    proc = subprocess.run(["patch", "-p1", "--dry-run", "--force", "-i", str(diff)], cwd=site_packages,
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

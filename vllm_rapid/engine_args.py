@@ -150,8 +150,6 @@ def check_rapid_config(config: Any) -> None:
     parallel = config.parallel_config
     unsupported = {
         "pipeline parallelism (--pipeline-parallel-size > 1)": parallel.pipeline_parallel_size > 1,
-        "tensor parallelism (--tensor-parallel-size > 1): each lane needs its own communicator":
-            parallel.tensor_parallel_size > 1,
         "data parallelism (--data-parallel-size > 1)": parallel.data_parallel_size > 1,
         "dual-batch overlap (--enable-dbo)": bool(getattr(parallel, "enable_dbo", False)),
         "speculative decoding": config.speculative_config is not None,

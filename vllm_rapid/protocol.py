@@ -63,6 +63,9 @@ class RapidSchedulerOutput(SchedulerOutput):
     # What the ARM decides from: the decode batch's mean context and how long the oldest prefill has waited.
     mean_decode_context_len: float = 0.0
     oldest_prefill_wait_ms: float = 0.0
+    # The last prefill batch whose result the scheduler has processed (from the output rank). With tensor
+    # parallelism, a rank whose prefill lane finished that batch later than the output rank's waits for it here.
+    last_completed_prefill: int = -1
 
     @classmethod
     def wrap(cls, decode: SchedulerOutput, **rapid_fields) -> RapidSchedulerOutput:

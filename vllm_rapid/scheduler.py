@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from vllm.v1.core.sched.output import SchedulerOutput
@@ -61,6 +61,7 @@ class RapidScheduler(Scheduler):
         self.prefill_token_budget = min(chunk, max_tokens) if (chunk and chunking) else max_tokens
         self.inflight_prefill: InflightPrefill | None = None
         self._next_batch_id = 0
+        self._last_completed_prefill = -1
         # vLLM tracks "scheduled in the previous step" per runner; each lane has its own runner.
         self._prev_ids_by_lane: dict[str, set[str]] = {"decode": set(), "prefill": set()}
         self._suppress_stats = False
@@ -89,6 +90,7 @@ class RapidScheduler(Scheduler):
             prefill=launch,
             mean_decode_context_len=self._mean_context_len(decode),
             oldest_prefill_wait_ms=self._oldest_prefill_wait_ms(),
+            last_completed_prefill=self._last_completed_prefill,
         )
 
     def get_grammar_bitmask(self, scheduler_output: SchedulerOutput):
@@ -193,6 +195,7 @@ class RapidScheduler(Scheduler):
                 f"prefill result for batch {result.batch_id} but batch "
                 f"{None if batch is None else batch.batch_id} is in flight"
             )
+        self._last_completed_prefill = batch.batch_id
         if result.error is not None:
             self.inflight_prefill = None  # the lane is done with the batch: its blocks can be freed now
             for request in batch.fenced_frees:

@@ -37,6 +37,12 @@ from vllm_rapid.protocol import (
     RapidModelRunnerOutput,
     RapidSchedulerOutput,
 )
+from vllm_rapid.tp_lanes import (
+    apply_thread_local_tp_group,
+    create_lane_tp_group,
+    current_tp_group_name,
+    use_tp_group,
+)
 
 if current_platform.is_cpu():
     from vllm.v1.worker.cpu_worker import CPUWorker as PlatformWorker
@@ -106,6 +112,12 @@ class RapidWorker(PlatformWorker):
             )
         self.prefill_runner = runner_cls(self.vllm_config, self.device)
         self.lane_states = LaneStates(self.model_runner, self.prefill_runner)
+        self.prefill_tp_group = None
+        if self.parallel_config.tensor_parallel_size > 1:
+            # Two lanes must never share a communicator: the prefill lane's thread gets its own TP group.
+            apply_thread_local_tp_group()
+            self.prefill_tp_group = create_lane_tp_group()
+            self.prefill_lane.run(use_tp_group, self.prefill_tp_group)
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         if current_platform.is_cpu():
@@ -160,6 +172,12 @@ class RapidWorker(PlatformWorker):
         if not isinstance(scheduler_output, RapidSchedulerOutput):
             return super().execute_model(scheduler_output)
         self._collect_prefill(timeout=0.0)
+        if self._inflight is not None and self._inflight.batch_id <= scheduler_output.last_completed_prefill:
+            # Tensor parallelism: the output rank's lane finished this batch first and the scheduler has its result;
+            # this rank's lane is at most a moment behind (the batch's collectives tie them). Catch up, so every
+            # rank's lanes run the same batches in the same order.
+            self._collect_prefill(timeout=None)
+            self._finished_prefill = None
         self.lane_states.finish(scheduler_output.finished_req_ids)
         contexts = self.lane_control.contexts_for(
             scheduler_output, prefill_inflight=self._inflight is not None or scheduler_output.prefill is not None
@@ -175,7 +193,7 @@ class RapidWorker(PlatformWorker):
                 run_lane_step, self.model_runner, scheduler_output, scheduler_output.grammar,
                 label="decode" if decode_tokens else "idle", num_tokens=decode_tokens, context=contexts.decode,
             )
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (a failed batch fails its requests, not the engine)
             decode_error = self._lane_failed("decode", exc, self.model_runner, scheduler_output.num_scheduled_tokens)
             output = EMPTY_MODEL_RUNNER_OUTPUT
         decode_ms = (time.perf_counter() - started) * 1000
@@ -211,7 +229,7 @@ class RapidWorker(PlatformWorker):
             output, elapsed_ms = self._inflight_future.result(timeout=timeout)
         except FutureTimeout:
             return
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (likewise)
             error = self._lane_failed(f"prefill batch {launch.batch_id}", exc, self.prefill_runner, req_ids)
             self._finished_prefill = PrefillResult(launch.batch_id, None, error=error)
         else:
@@ -225,10 +243,13 @@ class RapidWorker(PlatformWorker):
         Only while the device still works: after a sticky device error every later batch would fail too, so the
         error propagates and stops the engine, as it does in vLLM's own step.
         """
+        if self.parallel_config.world_size > 1:
+            # The other ranks' lanes may be waiting in this batch's collectives: only stopping the engine is safe.
+            raise exc
         if not current_platform.is_cpu():
             try:
                 torch.cuda.synchronize()
-            except Exception:
+            except Exception:  # noqa: BLE001 (any error here means the device is gone)
                 raise exc from None
         logger.exception("RAPID: %s raised; failing its %d request(s), the lanes keep serving", what, len(req_ids))
         self.lane_states.drop(runner, req_ids)
@@ -249,6 +270,10 @@ class RapidWorker(PlatformWorker):
         """The split the lanes run on now and the ARM's reason for it."""
         return dataclasses.asdict(self.lane_control.state())
 
+    def rapid_lane_tp_groups(self) -> dict[str, str]:
+        """The TP communicator each lane's collectives use, as seen from inside the lane's thread."""
+        return {lane.name: lane.run(current_tp_group_name) for lane in (self.decode_lane, self.prefill_lane)}
+
     def rapid_num_request_states(self) -> int:
         """Request states held by either runner or parked between them (0 when idle)."""
         return self.lane_states.num_states()
@@ -259,6 +284,8 @@ class RapidWorker(PlatformWorker):
         self.decode_lane.close()
         self.prefill_lane.close()
         self.lane_control.close()
+        if self.prefill_tp_group is not None:
+            self.prefill_tp_group.destroy()
         super().shutdown()
 
 

@@ -1,0 +1,73 @@
+"""Tensor parallelism with two lanes: each lane runs its collectives on its own TP communicator.
+
+The two lanes run forward passes at the same time. On one communicator their all-reduces would interleave: wrong
+sums, or ranks waiting on each other forever. vLLM's model code reaches the TP group only through
+``parallel_state.get_tp_group()`` (imported by name in many modules), so the prefill lane's thread gets its own
+coordinator over the same ranks there, and the decode lane keeps vLLM's. ``patches/0004-thread-local-tp-group.diff``
+is the upstream change; at run time the function's code is swapped (its identity kept), as for the forward context.
+
+Each lane's communicator sees the same collectives in the same order on every rank, because every rank receives
+the same step from the scheduler and runs the same batch on the same lane; the worker also never lets a rank's
+prefill lane run ahead or fall behind by a batch (``RapidSchedulerOutput.last_completed_prefill``).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from vllm_rapid.versions import require_supported_vllm
+
+PREFILL_GROUP_NAME = "tp_rapid_prefill"  # the "tp" prefix selects vLLM's shared-memory path on CPU
+
+_tp_override_tls = threading.local()
+
+
+def get_tp_group() -> Any:
+    group = getattr(_tp_override_tls, "group", None)
+    if group is not None:
+        return group
+    assert _TP is not None, "tensor model parallel group is not initialized"  # noqa: F821 (parallel_state's)
+    return _TP  # noqa: F821
+
+
+def apply_thread_local_tp_group() -> bool:
+    """Patch the loaded vLLM once; return True if this call changed it. Refuses vLLM versions it was not made for."""
+    import vllm.distributed.parallel_state as ps
+
+    if getattr(ps, "_tp_override_tls", None) is _tp_override_tls:
+        return False
+    require_supported_vllm("the thread-local tensor-parallel group patch")
+    if "_TP" not in ps.get_tp_group.__code__.co_names:
+        raise RuntimeError(
+            "vllm.distributed.parallel_state.get_tp_group no longer reads the module global this patch overrides; "
+            "update vllm-rapid's tensor-parallel patch for this vLLM version"
+        )
+    ps._tp_override_tls = _tp_override_tls
+    ps.get_tp_group.__code__ = get_tp_group.__code__
+    return True
+
+
+def create_lane_tp_group() -> Any:
+    """A second TP coordinator over the same ranks, for the prefill lane.
+
+    Creating it is a collective: every rank calls this once, at the same point of its start-up.
+    """
+    import vllm.distributed.parallel_state as ps
+
+    tp = ps.get_tp_group()
+    return ps.init_model_parallel_group(
+        tp.group_ranks, tp.local_rank, tp.torch_distributed_backend, group_name=PREFILL_GROUP_NAME
+    )
+
+
+def use_tp_group(group: Any | None) -> None:
+    """Make the calling thread's TP collectives use ``group`` (None: vLLM's TP group again)."""
+    _tp_override_tls.group = group
+
+
+def current_tp_group_name() -> str:
+    """The unique name of the TP group the calling thread's collectives use."""
+    import vllm.distributed.parallel_state as ps
+
+    return ps.get_tp_group().unique_name
