@@ -14,6 +14,9 @@ Three hazards that a single stream hides are fenced here:
   completes, so no other request can be handed a block the prefill lane is still writing.
 * the first token: it is sampled by the prefill lane; the worker moves the request's runner state to the decode lane
   (see ``worker.LaneStates``) and the decode batch starts from it.
+
+A lane batch that raised comes back as an error (``PrefillResult.error``, ``RapidModelRunnerOutput.decode_error``):
+its requests finish with ``FINISHED_ERROR`` and free their blocks; every other request carries on.
 """
 
 from __future__ import annotations
