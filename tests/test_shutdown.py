@@ -1,0 +1,63 @@
+"""Graceful shutdown of ``vllm serve --scheduler rapid --shutdown-timeout N``: on SIGTERM the engine drains both
+lanes (prefill batches in flight and decoding requests) before it tears down; every request in flight completes."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import pytest
+from vllm_server import serve
+
+pytestmark = pytest.mark.slow
+
+
+def test_sigterm_drains_both_lanes(tiny_model, tmp_path):
+    from openai import OpenAI
+
+    args = ["--scheduler", "rapid", "--dtype", "float32", "--enforce-eager", "--max-model-len", "4096",
+            "--kv-cache-memory-bytes", str(64 << 20), "--shutdown-timeout", "60"]
+    with serve(tiny_model, args, tmp_path / "server.log") as server:
+        client = OpenAI(base_url=server.url + "/v1", api_key="EMPTY", timeout=120, max_retries=0)
+        client.completions.create(model=server.model, prompt="warm up", max_tokens=2)
+        results: dict[int, tuple[int, str]] = {}
+
+        def one(i: int) -> None:
+            # Long prompts put prefill batches in flight while the short ones decode.
+            prompt = [2 + (i * 11 + j) % 300 for j in range(2500 if i % 3 == 0 else 30)]
+            response = client.completions.create(model=server.model, prompt=prompt, max_tokens=64,
+                                                 temperature=0.0, extra_body={"ignore_eos": True})
+            results[i] = (response.usage.completion_tokens, response.choices[0].finish_reason)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(9)]
+        for thread in threads:
+            thread.start()
+        # Wait until both lanes have work (a prefill batch in flight, a decode batch running), then ask it to stop.
+        both_busy = _wait_for(lambda: _gauge(server, "vllm_rapid:prefill_inflight_requests") >= 1
+                              and _gauge(server, "vllm_rapid:decode_batch_requests") >= 1, timeout_s=60)
+        assert both_busy, server.log_tail()
+        server.proc.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(timeout=180)
+        assert server.proc.wait(timeout=120) == 0, server.log_tail()
+    log = server.log()
+    assert "[shutdown] EngineCore: draining in-flight requests" in log, server.log_tail()
+    assert results == {i: (64, "length") for i in range(9)}, results
+
+
+def _gauge(server, name: str) -> float:
+    for line in server.get("/metrics").splitlines():
+        if line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _wait_for(predicate, timeout_s: float) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
