@@ -320,3 +320,26 @@ def test_a_failed_prefill_batch_fails_all_its_requests_and_only_them(failing_llm
     reasons = {rid: out.outputs[0].finish_reason for rid, out in finished.items()}
     assert reasons == {"poison": "error", "batch-mate": "error", "later": "length"}
     assert_idle_and_clean(llm)
+
+
+def test_aborts_at_every_stage_free_every_block(small_model):
+    """Abort one request queued behind a busy prefill lane, one in the prefill batch in flight and one decoding, all
+    in the same step: the others finish whole, and every block and runner state comes back."""
+    llm = make_llm(small_model, "rapid", idle_wait_ms=0.01)
+    engine, sched = llm.llm_engine, scheduler_of(llm)
+    keep = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    engine.add_request("decoding", prompts_of_lengths([30], seed=31)[0], keep)
+    engine.add_request("decoding-kept", prompts_of_lengths([40], seed=32)[0], keep)
+    _step_until(llm, lambda: sched.running and not any(map(sched.in_prefill_lane, sched.running)))
+    engine.add_request("in-flight", prompts_of_lengths([2500], seed=33)[0], keep)
+    _step_until(llm, lambda: sched.inflight_prefill is not None)
+    engine.add_request("queued", prompts_of_lengths([200], seed=34)[0], keep)
+    engine.add_request("queued-kept", prompts_of_lengths([100], seed=35)[0], keep)
+    assert sched.inflight_prefill is not None, "the prefill finished too fast for this test to mean anything"
+    assert {r.request_id.rsplit("-", 1)[0] for r in sched.waiting} == {"queued", "queued-kept"}
+    engine.abort_request(["queued", "in-flight", "decoding"])
+    finished = run_until_idle(llm)
+    assert {rid for rid in finished if finished[rid].outputs[0].finish_reason == "length"} == {
+        "decoding-kept", "queued-kept"}
+    assert all(len(finished[rid].outputs[0].token_ids) == 16 for rid in ("decoding-kept", "queued-kept"))
+    assert_idle_and_clean(llm)
