@@ -276,6 +276,38 @@ def report(scheduler: str, results: list[Result], wall_s: float, lane_events: li
             print(f"  failed {r.kind} request: {r.error}")
 
 
+def report_metrics(metrics_text: str) -> None:
+    """A few of RAPID's Prometheus metrics, as any scraper of the server's /metrics sees them."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for s in family.samples:
+            if s.name.startswith("vllm_rapid:"):
+                label = s.labels.get("lane") or s.labels.get("result") or s.labels.get("reason") or ""
+                values[(s.name.removeprefix("vllm_rapid:"), label)] = s.value
+    if not values:
+        print("  (no vllm_rapid: metrics on /metrics)")
+        return
+    print()
+    print("RAPID metrics on /metrics (Prometheus, vllm_rapid:*)")
+
+    def share(name: str) -> str:
+        met, missed = values.get((name, "met"), 0), values.get((name, "missed"), 0)
+        return f"{100 * met / (met + missed):.0f}% of {met + missed:.0f}" if met + missed else "n/a"
+
+    print(f"  within the TTFT SLO: {share('ttft_slo_requests_total')} first tokens; within the ITL SLO: "
+          f"{share('itl_slo_tokens_total')} gaps; completed within both: {share('slo_requests_total')} requests")
+    for lane in ("decode", "prefill"):
+        count, total = values.get(("lane_step_seconds_count", lane), 0), values.get(("lane_step_seconds_sum", lane), 0)
+        mean = f", mean {1000 * total / count:.1f} ms" if count else ""
+        print(f"  {lane} lane: {values.get(('partition_units', lane), 0):.0f} of "
+              f"{values.get(('partition_total_units', ''), 0):.0f} compute units, {count:.0f} batches{mean}")
+    reason = next((r for (name, r), v in values.items() if name == "arm_reason" and v == 1), "n/a")
+    print(f"  ARM's current reason: {reason}; requests failed by a lane: "
+          f"{values.get(('lane_failed_requests_total', ''), 0):.0f}")
+
+
 def _itls_during_long_prefills(ok: list[Result]) -> list[float]:
     """ITLs of other requests' tokens that overlap a long request's wait for its first token (its prefill):
     where a one-lane scheduler stalls decoding."""
@@ -343,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
                 if isinstance(answer, list) and answer and isinstance(answer[0], list):
                     lane_events = answer[0]
             report(args.scheduler, results, wall_s, lane_events)
+            if args.scheduler == "rapid":
+                with contextlib.suppress(OSError), urllib.request.urlopen(server.url + "/metrics", timeout=10) as r:
+                    report_metrics(r.read().decode())
             failed = sum(r.error is not None or r.ttft_s is None for r in results)
             if failed:
                 print(f"--- server log (tail) ---\n{server.log_tail()}", file=sys.stderr)
