@@ -117,8 +117,11 @@ def test_thread_local_tp_group_reaches_every_binding_of_get_tp_group():
 
     from vllm_rapid.tp_lanes import apply_thread_local_tp_group, use_tp_group
 
+    class LaneGroup:  # stands in for a GroupCoordinator: only its identity matters here
+        pass
+
     apply_thread_local_tp_group()
-    lane_group, seen = object(), {}
+    lane_group, seen = LaneGroup(), {}
 
     def lane() -> None:
         use_tp_group(lane_group)
@@ -147,3 +150,35 @@ def test_upstream_patch_applies_to_the_installed_vllm(diff):
     proc = subprocess.run(["patch", "-p1", "--dry-run", "--force", "-i", str(diff)], cwd=site_packages,
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+_COMPILED_OP_LOOKUP = """
+import socket, threading, torch.distributed as dist
+from vllm.distributed import parallel_state as ps
+from vllm_rapid.tp_lanes import apply_thread_local_tp_group, create_lane_tp_group, use_tp_group
+
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+ps._TP = ps.init_model_parallel_group([[0]], 0, "gloo", group_name="tp")
+apply_thread_local_tp_group()
+lane = create_lane_tp_group()
+seen = {}
+
+def run():
+    use_tp_group(lane)
+    seen["lane"] = ps._groups[ps._TP.unique_name]()
+
+t = threading.Thread(target=run); t.start(); t.join()
+assert seen["lane"] is lane and lane is not ps._TP, seen
+assert ps._groups[ps._TP.unique_name]() is ps._TP  # other threads: vLLM's own group
+print("ok", lane.unique_name)
+"""
+
+
+def test_compiled_collectives_find_the_lane_tp_group():
+    """Compiled graphs call vLLM's collective custom ops by the traced group's name: inside a lane thread with its own
+    TP group, that name resolves to the lane's group (real coordinators, a 1-rank gloo world, in a subprocess)."""
+    proc = subprocess.run([sys.executable, "-c", _COMPILED_OP_LOOKUP], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode == 0 and "ok tp_rapid_prefill" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]

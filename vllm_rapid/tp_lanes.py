@@ -1,10 +1,15 @@
 """Tensor parallelism with two lanes: each lane runs its collectives on its own TP communicator.
 
 The two lanes run forward passes at the same time. On one communicator their all-reduces would interleave: wrong
-sums, or ranks waiting on each other forever. vLLM's model code reaches the TP group only through
-``parallel_state.get_tp_group()`` (imported by name in many modules), so the prefill lane's thread gets its own
-coordinator over the same ranks there, and the decode lane keeps vLLM's. ``patches/0004-thread-local-tp-group.diff``
-is the upstream change; at run time the function's code is swapped (its identity kept), as for the forward context.
+sums, or ranks waiting on each other forever. The prefill lane's thread gets its own coordinator over the same
+ranks, and the decode lane keeps vLLM's. vLLM reaches the TP group in two ways, and both answer per thread:
+
+* eager code calls ``parallel_state.get_tp_group()`` (imported by name in many modules): its code is swapped for
+  one that returns the thread's group (its identity kept, as for the forward context);
+* compiled graphs call vLLM's collective custom ops with the name of the group they were traced with, looked up in
+  ``parallel_state._groups``: the registry answers the TP group's name with the thread's group.
+
+``patches/0004-thread-local-tp-group.diff`` is the upstream change.
 
 Each lane's communicator sees the same collectives in the same order on every rank, because every rank receives
 the same step from the scheduler and runs the same batch on the same lane; the worker also never lets a rank's
@@ -14,6 +19,7 @@ prefill lane run ahead or fall behind by a batch (``RapidSchedulerOutput.last_co
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Any
 
 from vllm_rapid.versions import require_supported_vllm
@@ -31,6 +37,23 @@ def get_tp_group() -> Any:
     return _TP  # noqa: F821
 
 
+class _LaneAwareGroupRegistry(dict):
+    """``parallel_state._groups`` (group name -> weakref), except that a thread with its own TP group gets that
+    group for the TP group's name."""
+
+    def __getitem__(self, name: str) -> Any:
+        override = getattr(_tp_override_tls, "ref", None)
+        if override is not None and name == _tp_name():
+            return override
+        return super().__getitem__(name)
+
+
+def _tp_name() -> str | None:
+    import vllm.distributed.parallel_state as ps
+
+    return ps._TP.unique_name if ps._TP is not None else None
+
+
 def apply_thread_local_tp_group() -> bool:
     """Patch the loaded vLLM once; return True if this call changed it. Refuses vLLM versions it was not made for."""
     import vllm.distributed.parallel_state as ps
@@ -45,6 +68,7 @@ def apply_thread_local_tp_group() -> bool:
         )
     ps._tp_override_tls = _tp_override_tls
     ps.get_tp_group.__code__ = get_tp_group.__code__
+    ps._groups = _LaneAwareGroupRegistry(ps._groups)
     return True
 
 
@@ -64,6 +88,7 @@ def create_lane_tp_group() -> Any:
 def use_tp_group(group: Any | None) -> None:
     """Make the calling thread's TP collectives use ``group`` (None: vLLM's TP group again)."""
     _tp_override_tls.group = group
+    _tp_override_tls.ref = weakref.ref(group) if group is not None else None
 
 
 def current_tp_group_name() -> str:

@@ -21,6 +21,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 import torch
+from vllm.config import CUDAGraphMode
 from vllm.platforms import current_platform
 from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
@@ -137,6 +138,10 @@ class RapidWorker(PlatformWorker):
         self.prefill_runner.initialize_kv_cache_tensors = lambda *args, **kwargs: _shared_kv(primary)
         self.prefill_runner.initialize_kv_cache(kv_cache_config)
         self.prefill_runner.kv_caches = primary.kv_caches
+        # Prefill batches run without CUDA graphs. The graphs vLLM captures belong to the primary runner: its input
+        # buffers, its stream and the decode lane's TP communicator. Replayed by the prefill lane they would read the
+        # wrong buffers and share that communicator, and prefill batches are big enough not to need them.
+        self.prefill_runner.cudagraph_dispatcher.initialize_cudagraph_keys(CUDAGraphMode.NONE)
         self.lane_control.attach_model(
             primary.get_model(), primary.kv_caches, kv_cache_config.num_blocks * self.cache_config.block_size
         )
