@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 import yaml
-from fake_backend import FakeBackend
 
+from fake_backend import FakeBackend
 from vllm_rapid.arm import (
     AdaptiveResourceManager,
     DecodeProfile,
@@ -177,7 +177,7 @@ def test_adaptive_policy_needs_a_profile_or_an_estimate():
 
 def test_profile_lookup_is_conservative():
     profile = make_profile()
-    at = lambda units: Split(units, TOTAL - units, TOTAL, units == TOTAL)
+    at = lambda units: Split(units, TOTAL - units, TOTAL, units == TOTAL)  # noqa: E731
     assert profile.decode_step_ms(at(40), 32, 2048) == step_ms(32, 2048, 40)
     assert profile.decode_step_ms(at(40), 20, 1000) == step_ms(32, 2048, 40)  # next measured batch and context
     assert profile.decode_step_ms(at(40), 256, 8192) == pytest.approx(2 * step_ms(128, 8192, 40))  # beyond grid

@@ -10,10 +10,11 @@ import types
 
 import pytest
 import torch
-from fake_backend import FakeBackend
 
+from fake_backend import FakeBackend
 from vllm_rapid.lanes import Lane
-from vllm_rapid.partition import Split, create_partition_backend, select
+from vllm_rapid.partition import Split, create_partition_backend
+from vllm_rapid.partition import select
 from vllm_rapid.partition.amd import (
     MI300X_CUS,
     MI300X_XCDS,
@@ -188,9 +189,9 @@ def test_start_up_failure_falls_back_to_streams_with_one_warning(monkeypatch, ca
 
 
 def test_gpu_modules_import_without_their_bindings():
-    import kernels.sm_probe
-    import vllm_rapid.partition.amd
-    import vllm_rapid.partition.nvidia
+    import kernels.sm_probe  # noqa: F401
+    import vllm_rapid.partition.amd  # noqa: F401
+    import vllm_rapid.partition.nvidia  # noqa: F401
 
 
 def test_sm_probe_result_disjointness():

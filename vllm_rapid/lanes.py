@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import queue
+from collections import deque
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass

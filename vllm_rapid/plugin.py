@@ -6,7 +6,7 @@ from __future__ import annotations
 def register() -> None:
     """Make ``--scheduler`` / ``scheduler=`` known (a no-op when the start-up hook already did it), and route
     RAPID's log lines through vLLM's logging."""
-    from vllm.engine import arg_utils
+    import vllm.engine.arg_utils as arg_utils
 
     from vllm_rapid.engine_args import patch_engine_args
     from vllm_rapid.log import adopt_vllm_logging
