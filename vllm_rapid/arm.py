@@ -325,7 +325,8 @@ class AdaptiveResourceManager:
         slo = self.config.itl_slo_ms
         full_ms = self.predict_decode_ms(self._full, batch, ctx)
         if full_ms <= slo:
-            return self._full, ArmReason.LIGHT_LOAD, f"light load: overlap meets ITL ({full_ms:.1f} <= {slo:g} ms)", False
+            reason = f"light load: overlap meets ITL ({full_ms:.1f} <= {slo:g} ms)"
+            return self._full, ArmReason.LIGHT_LOAD, reason, False
         predicted = {s: self.predict_decode_ms(s, batch, ctx) for s in self._partitions}
         meeting = [s for s in self._partitions if predicted[s] <= slo]
         if meeting:

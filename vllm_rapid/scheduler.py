@@ -147,10 +147,14 @@ class RapidScheduler(Scheduler):
         ids = decode.num_scheduled_tokens
         return sum(self.requests[i].num_computed_tokens for i in ids) / len(ids) if ids else 0.0
 
+    def _pending_prefills(self) -> list[Request]:
+        """Requests waiting for (the rest of) their prefill and not in the batch in flight."""
+        running = [r for r in self.running if self.in_prefill_lane(r) and not self._is_inflight(r)]
+        return [*self.waiting, *self.kv_holding_waiting, *running]
+
     def _oldest_prefill_wait_ms(self) -> float:
         """How long the oldest request still waiting for (the rest of) its prefill has waited."""
-        pending = [r.arrival_time for r in (*self.waiting, *self.kv_holding_waiting)]
-        pending += [r.arrival_time for r in self.running if self.in_prefill_lane(r) and not self._is_inflight(r)]
+        pending = [r.arrival_time for r in self._pending_prefills()]
         return max(0.0, (time.time() - min(pending)) * 1000) if pending else 0.0
 
     def _launch_prefill(self, prefill: SchedulerOutput) -> PrefillLaunch:
@@ -177,12 +181,6 @@ class RapidScheduler(Scheduler):
         }
         finished = getattr(model_runner_output, "finished_prefill", None)
         if finished is not None:
-            if finished.error is None:
-                self._step_stats.update(
-                    prefill_batch_ms=finished.elapsed_ms,
-                    prefill_batch_tokens=self.inflight_prefill.scheduler_output.total_num_scheduled_tokens
-                    if self.inflight_prefill is not None else 0,
-                )
             prefill_outputs = self._complete_prefill(finished)
         if (decode_error := getattr(model_runner_output, "decode_error", None)) is not None:
             # Failed first, so vLLM's update below skips them as finished.
@@ -200,23 +198,28 @@ class RapidScheduler(Scheduler):
             )
         self._last_completed_prefill = batch.batch_id
         if result.error is not None:
-            self.inflight_prefill = None  # the lane is done with the batch: its blocks can be freed now
-            for request in batch.fenced_frees:
-                self.kv_cache_manager.free(request)
+            self._release(batch)  # before failing its requests, so their blocks are freed at once
             return self._fail_requests(batch.req_ids, result.error)
+        self._step_stats.update(
+            prefill_batch_ms=result.elapsed_ms, prefill_batch_tokens=batch.scheduler_output.total_num_scheduled_tokens
+        )
         self._suppress_stats = True  # one stats record per engine step: the decode update makes it
         try:
             outputs = super().update_from_output(batch.scheduler_output, result.output)
         finally:
             self._suppress_stats = False
-        self.inflight_prefill = None
-        for request in batch.fenced_frees:
-            self.kv_cache_manager.free(request)
+        self._release(batch)
         for req_id in batch.req_ids:
             request = self.requests.get(req_id)
             if request is not None and request.status == RequestStatus.RUNNING:
                 self.kv_cache_manager.cache_blocks(request, request.num_computed_tokens)
         return outputs
+
+    def _release(self, batch: InflightPrefill) -> None:
+        """The prefill lane is done with ``batch``: free the blocks whose frees it fenced."""
+        self.inflight_prefill = None
+        for request in batch.fenced_frees:
+            self.kv_cache_manager.free(request)
 
     def _fail_requests(self, req_ids: Iterable[str], error: str) -> dict[int, EngineCoreOutputs]:
         """Finish a failed lane batch's requests with an error (HTTP 500 to their clients) and free their blocks."""
@@ -247,10 +250,8 @@ class RapidScheduler(Scheduler):
 
     def _lane_stats(self) -> LaneStats:
         inflight = self.inflight_prefill
-        queued = len(self.waiting) + len(self.kv_holding_waiting)
-        queued += sum(1 for r in self.running if self.in_prefill_lane(r) and not self._is_inflight(r))
         return LaneStats(
-            prefill_queue_reqs=queued,
+            prefill_queue_reqs=len(self._pending_prefills()),
             prefill_inflight_reqs=len(inflight.req_ids) if inflight else 0,
             prefill_inflight_tokens=inflight.scheduler_output.total_num_scheduled_tokens if inflight else 0,
             **self._step_stats,

@@ -89,7 +89,8 @@ class RapidWorker(PlatformWorker):
         record = self.rapid_config.record_lane_events
         if current_platform.is_cpu():
             decode_threads, prefill_threads = _cpu_thread_split()
-            decode_init, prefill_init = _cpu_lane_init(decode_threads, 0), _cpu_lane_init(prefill_threads, CPU_PREFILL_NICENESS)
+            decode_init = _cpu_lane_init(decode_threads, 0)
+            prefill_init = _cpu_lane_init(prefill_threads, CPU_PREFILL_NICENESS)
         else:
             decode_init = prefill_init = None
         self.lane_control = LaneController(
