@@ -13,7 +13,7 @@ import threading
 from collections.abc import Generator
 from typing import Any
 
-from vllm_rapid.versions import require_supported_vllm
+from vllm_rapid.versions import replace_function_code
 
 _forward_context_tls = threading.local()
 
@@ -46,21 +46,14 @@ def apply_thread_local_forward_context() -> bool:
 
     if getattr(fc, "_forward_context_tls", None) is _forward_context_tls:
         return False
-    require_supported_vllm("the thread-local forward-context patch")
-    targets = {
+    replacements = {
         fc.get_forward_context: get_forward_context,
         fc.is_forward_context_available: is_forward_context_available,
         fc.override_forward_context.__wrapped__: override_forward_context,
     }
-    for target in targets:
-        if "_forward_context" not in target.__code__.co_names:
-            raise RuntimeError(
-                f"vllm.forward_context.{target.__name__} no longer reads the module global this patch replaces; "
-                "update vllm-rapid's forward-context patch for this vLLM version"
-            )
-    fc._forward_context_tls = _forward_context_tls
-    # Carry over a context set before the patch (none is, outside a forward pass).
+    replace_function_code(replacements, "_forward_context", "the thread-local forward-context patch")
+    # The new code reads this module global. Set at start-up, before any forward pass; a context set before the
+    # patch (none is, outside a forward pass) carries over.
     _forward_context_tls.value = fc._forward_context
-    for target, replacement in targets.items():
-        target.__code__ = replacement.__code__
+    fc._forward_context_tls = _forward_context_tls
     return True

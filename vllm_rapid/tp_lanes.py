@@ -22,7 +22,7 @@ import threading
 import weakref
 from typing import Any
 
-from vllm_rapid.versions import require_supported_vllm
+from vllm_rapid.versions import replace_function_code
 
 PREFILL_GROUP_NAME = "tp_rapid_prefill"  # the "tp" prefix selects vLLM's shared-memory path on CPU
 
@@ -60,14 +60,8 @@ def apply_thread_local_tp_group() -> bool:
 
     if getattr(ps, "_tp_override_tls", None) is _tp_override_tls:
         return False
-    require_supported_vllm("the thread-local tensor-parallel group patch")
-    if "_TP" not in ps.get_tp_group.__code__.co_names:
-        raise RuntimeError(
-            "vllm.distributed.parallel_state.get_tp_group no longer reads the module global this patch overrides; "
-            "update vllm-rapid's tensor-parallel patch for this vLLM version"
-        )
-    ps._tp_override_tls = _tp_override_tls
-    ps.get_tp_group.__code__ = get_tp_group.__code__
+    replace_function_code({ps.get_tp_group: get_tp_group}, "_TP", "the thread-local tensor-parallel group patch")
+    ps._tp_override_tls = _tp_override_tls  # read by the new code; set at start-up, before any collective
     ps._groups = _LaneAwareGroupRegistry(ps._groups)
     return True
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 SUPPORTED_VLLM = ("0.32.", "0.33.")
 
 
@@ -18,3 +21,21 @@ def require_supported_vllm(what: str) -> None:
         raise RuntimeError(
             f"vllm-rapid's {what} supports vLLM {', '.join(v + 'x' for v in SUPPORTED_VLLM)}; found {version}"
         )
+
+
+def replace_function_code(replacements: dict[Callable[..., Any], Callable[..., Any]], reads: str, what: str) -> None:
+    """Apply ``what`` (a runtime patch) by giving each vLLM function the code of its replacement.
+
+    The functions keep their identity, so every ``from vllm... import f`` made anywhere sees the change; the new
+    code's globals resolve in the vLLM module. Refused on vLLM versions the patch was not made for, and when a
+    function no longer reads the module global ``reads`` that the patch is about.
+    """
+    require_supported_vllm(what)
+    for target in replacements:
+        if reads not in target.__code__.co_names:
+            raise RuntimeError(
+                f"{target.__module__}.{target.__name__} no longer reads {reads}, which {what} is about; "
+                "update vllm-rapid for this vLLM version"
+            )
+    for target, replacement in replacements.items():
+        target.__code__ = replacement.__code__
