@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import pytest
-from vllm_server import Server, serve
+from vllm_server import Server, metric, parse_metrics, serve
 
 pytestmark = pytest.mark.slow
 
@@ -220,7 +220,7 @@ async def _one(session, model: str, spec: Spec) -> Outcome:
         return Outcome(spec, "aborted")
     except asyncio.TimeoutError:
         return Outcome(spec, "error", error=f"no answer within {REQUEST_TIMEOUT_S} s")
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - every failure is reported with its request
         return Outcome(spec, "error", error=f"{type(exc).__name__}: {exc}")
 
 
@@ -322,28 +322,8 @@ def check_outcomes(server: Server, outcomes: list[Outcome]) -> Counter:
     return kinds
 
 
-def parse_metrics(text: str) -> dict[str, float]:
-    """``name{labels}`` -> value from the Prometheus text (labels kept verbatim)."""
-    values = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        key, _, value = line.rpartition(" ")
-        with contextlib.suppress(ValueError):
-            values[key] = float(value)
-    return values
-
-
-def metric(values: dict[str, float], name: str, **labels: str) -> float:
-    """Sum of ``name`` over the series whose labels include ``labels``."""
-    found = [v for k, v in values.items()
-             if k.split("{", 1)[0] == name and all(f'{lk}="{lv}"' in k for lk, lv in labels.items())]
-    assert found, f"no metric {name} {labels} in /metrics"
-    return sum(found)
-
-
 def engine_state(server: Server) -> dict[str, float]:
-    values = parse_metrics(server.get("/metrics"))
+    values = server.metrics()
     return {
         "running": metric(values, "vllm:num_requests_running"),
         "waiting": metric(values, "vllm:num_requests_waiting"),

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from vllm_server import HOST, serve, vllm_env
+from vllm_server import HOST, metric, serve, vllm_env
 
 pytestmark = pytest.mark.slow
 
@@ -137,23 +137,6 @@ def test_runs_rapid_scheduler(server, client):
     assert isinstance(arm, dict) and arm
 
 
-def _metrics(server) -> dict[tuple[str, tuple], float]:
-    """Every sample on /metrics as {(name, sorted labels without model_name/engine): value}."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    samples = {}
-    for family in text_string_to_metric_families(server.get("/metrics")):
-        for s in family.samples:
-            labels = tuple(sorted((k, v) for k, v in s.labels.items() if k not in ("model_name", "engine")))
-            samples[(s.name, labels)] = samples.get((s.name, labels), 0.0) + s.value
-    return samples
-
-
-def _total(samples, name: str, **labels) -> float:
-    want = set(labels.items())
-    return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
-
-
 def test_rapid_metrics_on_prometheus_endpoint(server, client):
     """RAPID's lane, partition and SLO metrics reach vLLM's /metrics from the engine-core process, next to vLLM's
     own, and agree with them."""
@@ -166,29 +149,29 @@ def test_rapid_metrics_on_prometheus_endpoint(server, client):
 
     with ThreadPoolExecutor(max_workers=6) as pool:
         list(pool.map(one, range(6)))
-    m = _metrics(server)
-    assert _total(m, "vllm_rapid:lane_step_seconds_count", lane="decode") > 0
-    assert _total(m, "vllm_rapid:lane_step_seconds_count", lane="prefill") > 0
+    m = server.metrics()
+    assert metric(m, "vllm_rapid:lane_step_seconds_count", lane="decode") > 0
+    assert metric(m, "vllm_rapid:lane_step_seconds_count", lane="prefill") > 0
     # CPU: the lanes are OpenMP teams; units are threads, both lanes' together make the device.
-    decode_units = _total(m, "vllm_rapid:partition_units", lane="decode")
-    prefill_units = _total(m, "vllm_rapid:partition_units", lane="prefill")
+    decode_units = metric(m, "vllm_rapid:partition_units", lane="decode")
+    prefill_units = metric(m, "vllm_rapid:partition_units", lane="prefill")
     assert decode_units >= 1 and prefill_units >= 1
-    assert _total(m, "vllm_rapid:partition_total_units") >= max(decode_units, prefill_units)
-    reasons = {dict(ls)["reason"]: v for (n, ls), v in m.items() if n == "vllm_rapid:arm_reason"}
+    assert metric(m, "vllm_rapid:partition_total_units") >= max(decode_units, prefill_units)
+    reasons = {k: v for k, v in m.items() if k.startswith("vllm_rapid:arm_reason{")}
     assert sorted(reasons.values()) == [0.0] * (len(reasons) - 1) + [1.0], reasons
     # Idle now: nothing queued, nothing in flight.
     for name in ("prefill_queue_requests", "prefill_inflight_requests", "prefill_inflight_tokens"):
-        assert _total(m, f"vllm_rapid:{name}") == 0, name
-    assert _total(m, "vllm_rapid:slo_seconds", slo="ttft") == 2.0  # examples/rapid_config.yaml
-    assert _total(m, "vllm_rapid:slo_seconds", slo="itl") == 0.1
+        assert metric(m, f"vllm_rapid:{name}") == 0, name
+    assert metric(m, "vllm_rapid:slo_seconds", slo="ttft") == 2.0  # examples/rapid_config.yaml
+    assert metric(m, "vllm_rapid:slo_seconds", slo="itl") == 0.1
     # SLO counters count exactly what vLLM's own latency histograms saw.
-    ttft = _total(m, "vllm_rapid:ttft_slo_requests_total")
-    assert ttft == _total(m, "vllm:time_to_first_token_seconds_count") > 0
-    assert _total(m, "vllm_rapid:itl_slo_tokens_total") == _total(m, "vllm:inter_token_latency_seconds_count") > 0
-    completed = _total(m, "vllm:request_success_total", finished_reason="stop") + _total(
+    ttft = metric(m, "vllm_rapid:ttft_slo_requests_total")
+    assert ttft == metric(m, "vllm:time_to_first_token_seconds_count") > 0
+    assert metric(m, "vllm_rapid:itl_slo_tokens_total") == metric(m, "vllm:inter_token_latency_seconds_count") > 0
+    completed = metric(m, "vllm:request_success_total", finished_reason="stop") + metric(
         m, "vllm:request_success_total", finished_reason="length")
-    assert _total(m, "vllm_rapid:slo_requests_total") == completed > 0
-    assert _total(m, "vllm_rapid:lane_failed_requests_total") == _total(
+    assert metric(m, "vllm_rapid:slo_requests_total") == completed > 0
+    assert metric(m, "vllm_rapid:lane_failed_requests_total") == metric(
         m, "vllm:request_success_total", finished_reason="error")
 
 
@@ -197,7 +180,7 @@ def test_rapid_metrics_on_prometheus_endpoint(server, client):
 def test_a_failing_lane_batch_gets_http_500_and_the_server_keeps_serving(server, client, lane, fail_after, stream):
     import openai
 
-    failed_before = _total(_metrics(server), "vllm_rapid:lane_failed_requests_total")
+    failed_before = metric(server.metrics(), "vllm_rapid:lane_failed_requests_total")
     with pytest.raises(openai.APIError) as raised:
         complete(client, server.model, "completions", stream, max_tokens=8,
                  extra_body={"ignore_eos": True, "vllm_xargs": {"fail_after_tokens": fail_after}})
@@ -207,7 +190,7 @@ def test_a_failing_lane_batch_gets_http_500_and_the_server_keeps_serving(server,
                                    extra_body={"ignore_eos": True})
     assert text and finish_reason == "length"
     assert server.proc.poll() is None
-    assert _total(_metrics(server), "vllm_rapid:lane_failed_requests_total") == failed_before + 1
+    assert metric(server.metrics(), "vllm_rapid:lane_failed_requests_total") == failed_before + 1
     assert f"RAPID: {lane}" in server.log()
 
 
@@ -219,7 +202,7 @@ def test_grafana_dashboard_queries_only_exported_metrics(server, client):
     dashboard = json.loads((EXAMPLES / "grafana" / "vllm-rapid.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     wanted = {name for e in exprs for name in re.findall(r"\bvllm(?:_rapid)?:[a-z_]+", e)}
-    exported = {name for name, _ in _metrics(server)}
+    exported = {key.split("{", 1)[0] for key in server.metrics()}
     assert len(wanted) > 10 and wanted <= exported, sorted(wanted - exported)
 
 

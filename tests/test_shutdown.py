@@ -7,7 +7,7 @@ import signal
 import threading
 
 import pytest
-from vllm_server import serve
+from vllm_server import metric, serve
 
 pytestmark = pytest.mark.slow
 
@@ -33,8 +33,8 @@ def test_sigterm_drains_both_lanes(tiny_model, tmp_path):
         for thread in threads:
             thread.start()
         # Wait until both lanes have work (a prefill batch in flight, a decode batch running), then ask it to stop.
-        both_busy = _wait_for(lambda: _gauge(server, "vllm_rapid:prefill_inflight_requests") >= 1
-                              and _gauge(server, "vllm_rapid:decode_batch_requests") >= 1, timeout_s=60)
+        both_busy = _wait_for(lambda: metric(server.metrics(), "vllm_rapid:prefill_inflight_requests") >= 1
+                              and metric(server.metrics(), "vllm_rapid:decode_batch_requests") >= 1, timeout_s=60)
         assert both_busy, server.log_tail()
         server.proc.send_signal(signal.SIGTERM)
         for thread in threads:
@@ -43,13 +43,6 @@ def test_sigterm_drains_both_lanes(tiny_model, tmp_path):
     log = server.log()
     assert "[shutdown] EngineCore: draining in-flight requests" in log, server.log_tail()
     assert results == {i: (64, "length") for i in range(9)}, results
-
-
-def _gauge(server, name: str) -> float:
-    for line in server.get("/metrics").splitlines():
-        if line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def _wait_for(predicate, timeout_s: float) -> bool:

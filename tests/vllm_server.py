@@ -55,6 +55,10 @@ class Server:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read())
 
+    def metrics(self) -> dict[str, float]:
+        """The server's /metrics (see ``parse_metrics``)."""
+        return parse_metrics(self.get("/metrics"))
+
     def healthy(self) -> bool:
         try:
             with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
@@ -101,3 +105,23 @@ def stop_group(proc: subprocess.Popen) -> None:
             proc.wait(timeout=wait_s)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)  # workers left behind by a parent that died first
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """``name{labels}`` -> value from the Prometheus text (labels kept verbatim)."""
+    values = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        with contextlib.suppress(ValueError):
+            values[key] = float(value)
+    return values
+
+
+def metric(values: dict[str, float], name: str, **labels: str) -> float:
+    """Sum of ``name`` over the series whose labels include ``labels``."""
+    found = [v for k, v in values.items()
+             if k.split("{", 1)[0] == name and all(f'{lk}="{lv}"' in k for lk, lv in labels.items())]
+    assert found, f"no metric {name} {labels} in /metrics"
+    return sum(found)
