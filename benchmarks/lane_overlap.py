@@ -58,7 +58,7 @@ def run(model: str, scheduler: str, chunk: int) -> dict:
               "itl_ms_during": _median_gap_ms([t for t in token_times if added < t <= first_token]),
               "max_itl_ms_during": max(_gaps_ms([t for t in token_times if added < t <= first_token]), default=0)}
     if scheduler == "rapid":
-        from vllm_rapid.lane_events import summarize_overlap
+        from vllm_rapid.testing.overlap import summarize_overlap
 
         result["lanes"] = asdict(summarize_overlap(llm.collective_rpc("rapid_lane_events")[0], LONG_PROMPT - 1))
     engine.abort_request([f"d{i}" for i in range(DECODERS)])
@@ -82,7 +82,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if args.scheduler:  # child: one scheduler, result on stdout
-        from vllm_rapid.tiny_model import make_tiny_llama
+        from vllm_rapid.testing.tiny_model import make_tiny_llama
 
         model = make_tiny_llama(tempfile.mkdtemp(prefix="rapid-bench-"), hidden_size=256, num_layers=4)
         print("RESULT " + json.dumps(run(str(model), args.scheduler, args.chunk)), flush=True)

@@ -52,11 +52,11 @@ from mechanism_lib.paged import PagedKVCache
 from mechanism_lib.runner import ModelRunner
 from mechanism_lib.trace import PRESETS, Request, make_trace
 
-from vllm_rapid.arm import AdaptiveResourceManager, DecodeProfile, RooflineEstimate
+from vllm_rapid.lanes.arm import AdaptiveResourceManager, DecodeProfile, RooflineEstimate
 from vllm_rapid.config import RapidConfig
-from vllm_rapid.lanes import Lane
-from vllm_rapid.layer_stack import LlamaStack, ModelDims
-from vllm_rapid.partition import PartitionBackend, create_partition_backend
+from vllm_rapid.lanes.lane import Lane
+from vllm_rapid.tools.layer_stack import LlamaStack, ModelDims
+from vllm_rapid.lanes.partition import PartitionBackend, create_partition_backend
 
 WARMUP_OUTPUT_TOKENS = 16
 
@@ -179,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     policies = [Policy.parse(name) for name in args.policies]  # fail on a bad name before any setup
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("vllm_rapid.arm").setLevel(logging.ERROR)  # the roofline notice would repeat every run
+    logging.getLogger("vllm_rapid.lanes.arm").setLevel(logging.ERROR)  # the roofline notice would repeat every run
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
     name = device_name(device)

@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     serve_args = list(args.serve_args)
     model = args.model
     if model is None:
-        from vllm_rapid.tiny_model import make_tiny_llama
+        from vllm_rapid.testing.tiny_model import make_tiny_llama
 
         model = str(make_tiny_llama(out / "tiny-llama"))
         if not any(a == "--dtype" or a.startswith("--dtype=") for a in serve_args):

@@ -343,7 +343,7 @@ def _raise_on_sigterm(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from vllm_rapid.tiny_model import make_tiny_llama
+    from vllm_rapid.testing.tiny_model import make_tiny_llama
 
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     with tempfile.TemporaryDirectory(prefix="vllm-rapid-demo-") as tmp:

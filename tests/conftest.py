@@ -14,7 +14,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """A 2-layer Llama (hidden 128) with a locally trained tokenizer; weights come from load_format='dummy'."""
-    from vllm_rapid.tiny_model import make_tiny_llama
+    from vllm_rapid.testing.tiny_model import make_tiny_llama
 
     return str(make_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
 
@@ -22,6 +22,6 @@ def tiny_model(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def small_model(tmp_path_factory) -> str:
     """A somewhat larger model (4 layers, hidden 256), so a long prefill takes many decode steps' time."""
-    from vllm_rapid.tiny_model import make_tiny_llama
+    from vllm_rapid.testing.tiny_model import make_tiny_llama
 
     return str(make_tiny_llama(tmp_path_factory.mktemp("small-llama"), hidden_size=256, num_layers=4))

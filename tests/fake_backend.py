@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
-from vllm_rapid.partition.base import PartitionBackend, Split
+from vllm_rapid.lanes.partition.base import PartitionBackend, Split
 
 
 class FakeBackend(PartitionBackend):

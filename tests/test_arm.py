@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from fake_backend import FakeBackend
-from vllm_rapid.arm import (
+from vllm_rapid.lanes.arm import (
     AdaptiveResourceManager,
     DecodeProfile,
     DecodeSample,
@@ -21,8 +21,8 @@ from vllm_rapid.arm import (
     RooflineEstimate,
 )
 from vllm_rapid.config import RapidConfig
-from vllm_rapid.partition import Split
-from vllm_rapid.profile_cli import NO_GPU_EXIT_CODE, LlamaStack, ModelDims, main
+from vllm_rapid.lanes.partition import Split
+from vllm_rapid.tools.profile import NO_GPU_EXIT_CODE, LlamaStack, ModelDims, main
 
 TOTAL = 100
 PARTITIONS = [20, 40, 60, 80]
@@ -153,7 +153,7 @@ def test_static_policy_uses_the_precreated_split_at_or_above_the_fraction(fracti
 
 
 def test_cpu_threads_backend_always_overlaps():
-    from vllm_rapid.partition.fallback import ThreadsBackend
+    from vllm_rapid.lanes.partition.threads import ThreadsBackend
 
     backend = ThreadsBackend()
     profile = DecodeProfile(backend.total_units, [DecodeSample(1, 1, backend.total_units, 500.0)])
@@ -272,7 +272,7 @@ def test_roofline_estimate_shape():
 
 def test_roofline_is_used_without_a_profile_and_says_so_once(caplog):
     backend = make_backend(total=132, decode_units=[40, 56, 72, 88, 104])
-    with caplog.at_level(logging.INFO, logger="vllm_rapid.arm"):
+    with caplog.at_level(logging.INFO, logger="vllm_rapid.lanes.arm"):
         arm = AdaptiveResourceManager(
             RapidConfig(itl_slo_ms=30.0, arm_hysteresis_steps=1), backend, roofline=llama8b_on_h200()
         )
@@ -296,7 +296,7 @@ def test_profile_without_a_gpu_exits_2_with_a_message(capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
 def test_profile_module_entry_point_without_a_gpu_has_no_traceback():
     result = subprocess.run(
-        [sys.executable, "-m", "vllm_rapid.profile_cli", "profile", "--num-layers", "1"],
+        [sys.executable, "-m", "vllm_rapid.tools.profile", "profile", "--num-layers", "1"],
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == NO_GPU_EXIT_CODE
@@ -340,7 +340,7 @@ def test_profile_on_gpu_writes_a_table_the_arm_reads(tmp_path):
     ])
     assert code == 0
     profile = DecodeProfile.load(out)
-    from vllm_rapid.partition import create_partition_backend
+    from vllm_rapid.lanes.partition import create_partition_backend
 
     backend = create_partition_backend("auto", "cuda")
     try:

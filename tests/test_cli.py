@@ -15,7 +15,7 @@ import pytest
 from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
 
 from vllm_rapid.config import CONFIG_ENV, RapidConfig, RapidConfigError
-from vllm_rapid.engine_args import RAPID_SCHEDULER, RAPID_WORKER
+from vllm_rapid.patch.engine_args import RAPID_SCHEDULER, RAPID_WORKER
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 RAPID_YAML = EXAMPLES / "rapid.yaml"

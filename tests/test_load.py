@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import pytest
-from vllm_server import Server, metric, parse_metrics, serve
+from vllm_rapid.testing.server import Server, metric, parse_metrics, serve
 
 pytestmark = pytest.mark.slow
 

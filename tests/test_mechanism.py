@@ -23,8 +23,8 @@ from mechanism_lib.paged import (
 from mechanism_lib.runner import ChunkInputs, DecodeInputs, ModelRunner, StepInputs
 from mechanism_lib.trace import make_trace
 
-from vllm_rapid.layer_stack import LlamaStack, ModelDims
-from vllm_rapid.partition.fallback import ThreadsBackend
+from vllm_rapid.tools.layer_stack import LlamaStack, ModelDims
+from vllm_rapid.lanes.partition.threads import ThreadsBackend
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 TINY = ModelDims(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, vocab_size=256,

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from fake_backend import FakeBackend
-from vllm_rapid.lanes import Lane
-from vllm_rapid.partition import Split, create_partition_backend
-from vllm_rapid.partition import select
-from vllm_rapid.partition.amd import (
+from vllm_rapid.lanes.lane import Lane
+from vllm_rapid.lanes.partition import Split, create_partition_backend
+from vllm_rapid.lanes.partition import select
+from vllm_rapid.lanes.partition.cu_mask import (
     MI300X_CUS,
     MI300X_XCDS,
     balanced_mask,
@@ -24,9 +24,9 @@ from vllm_rapid.partition.amd import (
     infer_xcd_count,
     mask_words,
 )
-from vllm_rapid.partition.base import candidate_units, plan_decode_units, round_units
-from vllm_rapid.partition.fallback import ThreadsBackend
-from vllm_rapid.partition.nvidia import FINE_SM_GRANULARITY, SM_GRANULARITY
+from vllm_rapid.lanes.partition.base import candidate_units, plan_decode_units, round_units
+from vllm_rapid.lanes.partition.threads import ThreadsBackend
+from vllm_rapid.lanes.partition.green_context import FINE_SM_GRANULARITY, SM_GRANULARITY
 
 H200_SMS = 132
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -110,7 +110,7 @@ def test_splits_are_ordered_and_end_with_full_overlap():
 
 def test_round_split_picks_the_nearest_precreated_split_at_or_above(caplog):
     backend = FakeBackend(H200_SMS, [40, 72])
-    with caplog.at_level(logging.INFO, logger="vllm_rapid.partition.base"):
+    with caplog.at_level(logging.INFO, logger="vllm_rapid.lanes.partition.base"):
         assert backend.round_split(33).decode_units == 40
         assert backend.round_split(33).decode_units == 40
         assert backend.round_split(40).decode_units == 40
@@ -180,7 +180,7 @@ def test_start_up_failure_falls_back_to_streams_with_one_warning(monkeypatch, ca
         return FakeBackend(H200_SMS, [])
 
     monkeypatch.setattr(select, "_create", fake_create)
-    with caplog.at_level(logging.WARNING, logger="vllm_rapid.partition.select"):
+    with caplog.at_level(logging.WARNING, logger="vllm_rapid.lanes.partition.select"):
         backend = create_partition_backend("auto", "cuda")
     assert tried == ["green_context", "streams"] and backend.splits() == [Split.full(H200_SMS)]
     (record,) = caplog.records
@@ -189,13 +189,13 @@ def test_start_up_failure_falls_back_to_streams_with_one_warning(monkeypatch, ca
 
 
 def test_gpu_modules_import_without_their_bindings():
-    import kernels.sm_probe  # noqa: F401
-    import vllm_rapid.partition.amd  # noqa: F401
-    import vllm_rapid.partition.nvidia  # noqa: F401
+    import vllm_rapid.tools.sm_probe  # noqa: F401
+    import vllm_rapid.lanes.partition.cu_mask  # noqa: F401
+    import vllm_rapid.lanes.partition.green_context  # noqa: F401
 
 
 def test_sm_probe_result_disjointness():
-    from kernels.sm_probe import SmProbeResult
+    from vllm_rapid.tools.sm_probe import SmProbeResult
 
     assert SmProbeResult({"decode": frozenset({0, 1}), "prefill": frozenset({2, 3})}).disjoint
     assert not SmProbeResult({"decode": frozenset({0, 1}), "prefill": frozenset({1, 2})}).disjoint
@@ -282,7 +282,7 @@ def install_driver(monkeypatch, driver):
 
 
 def test_green_context_pairs_come_from_one_split_each(monkeypatch, fake_torch_cuda):
-    from vllm_rapid.partition.nvidia import GreenContextBackend
+    from vllm_rapid.lanes.partition.green_context import GreenContextBackend
 
     driver = FakeDriver()
     install_driver(monkeypatch, driver)
@@ -300,7 +300,7 @@ def test_green_context_pairs_come_from_one_split_each(monkeypatch, fake_torch_cu
 
 
 def test_green_context_fine_granularity_uses_the_coscheduling_flag(monkeypatch, fake_torch_cuda):
-    from vllm_rapid.partition.nvidia import GreenContextBackend
+    from vllm_rapid.lanes.partition.green_context import GreenContextBackend
 
     driver = FakeDriver()
     install_driver(monkeypatch, driver)
@@ -309,7 +309,7 @@ def test_green_context_fine_granularity_uses_the_coscheduling_flag(monkeypatch, 
 
 
 def test_green_context_failure_names_the_call_and_releases_what_was_made(monkeypatch, fake_torch_cuda):
-    from vllm_rapid.partition.nvidia import GreenContextBackend, GreenContextError
+    from vllm_rapid.lanes.partition.green_context import GreenContextBackend, GreenContextError
 
     driver = FakeDriver(fail_on_green_ctx=2)
     install_driver(monkeypatch, driver)
@@ -335,13 +335,13 @@ class FakeHipStreams:
 
 
 def test_cu_mask_backend_creates_balanced_complementary_streams(monkeypatch, fake_torch_cuda):
-    from vllm_rapid.partition import amd
+    from vllm_rapid.lanes.partition import cu_mask
 
     props = types.SimpleNamespace(multi_processor_count=MI300X_CUS, gcnArchName="gfx942:sramecc+:xnack-")
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
     hip = FakeHipStreams()
-    monkeypatch.setattr(amd, "_HipStreams", lambda: hip)
-    backend = amd.CuMaskBackend()
+    monkeypatch.setattr(cu_mask, "_HipStreams", lambda: hip)
+    backend = cu_mask.CuMaskBackend()
     assert [s.decode_units for s in backend.splits()] == [80, 120, 152, 192, 232, MI300X_CUS]
     for index, units in enumerate([80, 120, 152, 192, 232]):
         decode, prefill = complementary_masks(units, MI300X_CUS, MI300X_XCDS)
@@ -354,10 +354,10 @@ def test_cu_mask_backend_creates_balanced_complementary_streams(monkeypatch, fak
 
 
 def test_cu_mask_without_hip_python_falls_back_to_ctypes(monkeypatch):
-    from vllm_rapid.partition import amd
+    from vllm_rapid.lanes.partition import cu_mask
 
     monkeypatch.setitem(sys.modules, "hip", None)  # import fails, as without hip-python
-    assert amd._working_hip_python() is None
+    assert cu_mask._working_hip_python() is None
 
 
 # --- on a GPU ---
@@ -366,7 +366,7 @@ def test_cu_mask_without_hip_python_falls_back_to_ctypes(monkeypatch):
 @pytest.mark.gpu
 @needs_gpu
 def test_gpu_partitions_are_disjoint_and_within_their_size():
-    from kernels.sm_probe import probe_lane_sms
+    from vllm_rapid.tools.sm_probe import probe_lane_sms
 
     backend = create_partition_backend("auto", "cuda")
     try:

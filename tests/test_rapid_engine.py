@@ -13,7 +13,7 @@ import pytest
 from vllm import LLM, SamplingParams
 from vllm.sampling_params import StructuredOutputsParams
 
-from vllm_rapid.lane_events import summarize_overlap
+from vllm_rapid.testing.overlap import summarize_overlap
 
 pytestmark = pytest.mark.slow
 

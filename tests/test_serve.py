@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from vllm_server import HOST, metric, serve, vllm_env
+from vllm_rapid.testing.server import HOST, metric, serve, vllm_env
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ import signal
 import threading
 
 import pytest
-from vllm_server import metric, serve
+from vllm_rapid.testing.server import metric, serve
 
 pytestmark = pytest.mark.slow
 

@@ -22,11 +22,11 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
 def test_scheduler_keyword_works_without_importing_the_plugin():
     """LLM(..., scheduler="rapid") builds EngineArgs before plugins load: the .pth start-up hook covers it."""
     code = ("from vllm.engine.arg_utils import EngineArgs; import sys; "
-            "assert 'vllm_rapid.engine_args' in sys.modules; "
+            "assert 'vllm_rapid.patch.engine_args' in sys.modules; "
             "print(EngineArgs(model='m', scheduler='rapid').scheduler_cls)")
     done = run_python(code)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().endswith("vllm_rapid.scheduler.RapidScheduler")
+    assert done.stdout.strip().endswith("vllm_rapid.core.scheduler.RapidScheduler")
 
 
 def test_autoload_opt_out_and_explicit_enable():
@@ -80,7 +80,7 @@ def test_bad_yaml_is_a_clear_error(tmp_path):
 def test_forward_context_is_per_thread():
     import vllm.forward_context as fc
 
-    from vllm_rapid.forward_context_patch import apply_thread_local_forward_context
+    from vllm_rapid.patch.forward_context import apply_thread_local_forward_context
 
     apply_thread_local_forward_context()
     seen = {}
@@ -115,7 +115,7 @@ def test_thread_local_tp_group_reaches_every_binding_of_get_tp_group():
     other threads still get vLLM's own group."""
     from vllm.distributed import communication_op, parallel_state
 
-    from vllm_rapid.tp_lanes import apply_thread_local_tp_group, use_tp_group
+    from vllm_rapid.patch.tp_group import apply_thread_local_tp_group, use_tp_group
 
     class LaneGroup:  # stands in for a GroupCoordinator: only its identity matters here
         pass
@@ -155,7 +155,8 @@ def test_upstream_patch_applies_to_the_installed_vllm(diff):
 _COMPILED_OP_LOOKUP = """
 import socket, threading, torch.distributed as dist
 from vllm.distributed import parallel_state as ps
-from vllm_rapid.tp_lanes import apply_thread_local_tp_group, create_lane_tp_group, use_tp_group
+from vllm_rapid.patch.tp_group import apply_thread_local_tp_group, use_tp_group
+from vllm_rapid.worker.tp_group import create_lane_tp_group
 
 with socket.socket() as s:
     s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]

@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
 
-from vllm_rapid.yaml_file import read_yaml
 
 PartitionBackendName = Literal["auto", "green_context", "cu_mask", "streams", "threads"]
 ArmPolicyName = Literal["adaptive", "full_overlap", "static"]
@@ -135,3 +135,16 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
 
 def _names(types: tuple[type, ...]) -> str:
     return " or ".join("null" if t is type(None) else t.__name__ for t in types)
+
+
+def read_yaml(path: str | os.PathLike[str], what: str, error: type[Exception]) -> Any:
+    """Parse ``path`` (RAPID options, ARM profiles); a missing file or bad syntax raises ``error`` saying which
+    ``what`` it was."""
+    import yaml
+
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise error(f"cannot read {what} {path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise error(f"{what} {path} is not valid YAML: {exc}") from exc

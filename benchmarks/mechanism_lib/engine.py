@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from mechanism_lib.paged import BlockAllocator
 from mechanism_lib.runner import ChunkInputs, DecodeInputs, ModelRunner, StepInputs
 from mechanism_lib.trace import Request
-from vllm_rapid.arm import AdaptiveResourceManager
-from vllm_rapid.lanes import Lane
-from vllm_rapid.partition import PartitionBackend, Split
+from vllm_rapid.lanes.arm import AdaptiveResourceManager
+from vllm_rapid.lanes.lane import Lane
+from vllm_rapid.lanes.partition import PartitionBackend, Split
 
 DEFAULT_POLICIES = ("serial", "hybrid-512", "hybrid-1024", "hybrid-2048", "lanes", "lanes-arm")
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from vllm_rapid.layer_stack import ModelDims, gqa_decode_attention
+from vllm_rapid.tools.layer_stack import ModelDims, gqa_decode_attention
 
 # Block 0 is never handed out: padded rows of a graph's batch point there.
 SCRATCH_BLOCK = 0

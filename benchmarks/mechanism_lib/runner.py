@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from mechanism_lib.paged import SCRATCH_BLOCK, PagedKVCache, paged_decode_attention
-from vllm_rapid.layer_stack import LlamaStack, capture_graph, causal_attention
-from vllm_rapid.partition import PartitionBackend, Split
+from vllm_rapid.tools.layer_stack import LlamaStack, capture_graph, causal_attention
+from vllm_rapid.lanes.partition import PartitionBackend, Split
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
 

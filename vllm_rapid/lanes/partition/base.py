@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from vllm_rapid.lanes import ContextFactory
+from vllm_rapid.lanes.lane import ContextFactory
 
 logger = logging.getLogger(__name__)
 

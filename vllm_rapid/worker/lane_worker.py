@@ -28,22 +28,18 @@ from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from vllm_rapid.config import RapidConfig
-from vllm_rapid.forward_context_patch import apply_thread_local_forward_context
-from vllm_rapid.lane_control import LaneController
-from vllm_rapid.lane_states import LaneStates
-from vllm_rapid.lanes import ContextFactory, Lane
+from vllm_rapid.patch.forward_context import apply_thread_local_forward_context
+from vllm_rapid.worker.lane_control import LaneController
+from vllm_rapid.worker.lane_states import LaneStates
+from vllm_rapid.lanes.lane import ContextFactory, Lane
 from vllm_rapid.protocol import (
     PrefillLaunch,
     PrefillResult,
     RapidModelRunnerOutput,
     RapidSchedulerOutput,
 )
-from vllm_rapid.tp_lanes import (
-    apply_thread_local_tp_group,
-    create_lane_tp_group,
-    current_tp_group_name,
-    use_tp_group,
-)
+from vllm_rapid.patch.tp_group import apply_thread_local_tp_group, use_tp_group
+from vllm_rapid.worker.tp_group import create_lane_tp_group, current_tp_group_name
 
 if current_platform.is_cpu():
     from vllm.v1.worker.cpu_worker import CPUWorker as PlatformWorker

@@ -11,15 +11,15 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_rapid.arm import (
+from vllm_rapid.lanes.arm import (
     AdaptiveResourceManager,
     ArmDecision,
     ArmReason,
     RooflineEstimate,
 )
 from vllm_rapid.config import RapidConfig
-from vllm_rapid.lanes import ContextFactory
-from vllm_rapid.partition import create_partition_backend
+from vllm_rapid.lanes.lane import ContextFactory
+from vllm_rapid.lanes.partition import create_partition_backend
 from vllm_rapid.protocol import ArmState, RapidSchedulerOutput
 
 

@@ -16,9 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from vllm_rapid.config import RapidConfig
-from vllm_rapid.partition.base import PartitionBackend, Split
-from vllm_rapid.yaml_file import read_yaml
+from vllm_rapid.config import RapidConfig, read_yaml
+from vllm_rapid.lanes.partition.base import PartitionBackend, Split
 
 logger = logging.getLogger(__name__)
 

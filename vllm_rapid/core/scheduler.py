@@ -36,8 +36,8 @@ from vllm.v1.request import Request, RequestStatus
 
 from vllm_rapid.config import RapidConfig
 from vllm_rapid.protocol import PrefillLaunch, PrefillResult, RapidSchedulerOutput
-from vllm_rapid.stats import LaneStats
-from vllm_rapid.stats_patch import has_plugin_stats
+from vllm_rapid.metrics.lane_stats import LaneStats
+from vllm_rapid.patch.scheduler_stats import has_plugin_stats
 
 logger = logging.getLogger(__name__)
 

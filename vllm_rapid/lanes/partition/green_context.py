@@ -13,8 +13,8 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from vllm_rapid.partition.base import PartitionBackend, Split, plan_decode_units
-from vllm_rapid.partition.fallback import whole_device_stream_contexts
+from vllm_rapid.lanes.partition.base import PartitionBackend, Split, plan_decode_units
+from vllm_rapid.lanes.partition.streams import whole_device_stream_contexts
 
 logger = logging.getLogger(__name__)
 

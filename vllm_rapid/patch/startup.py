@@ -11,7 +11,7 @@
 
 It costs one tiny import at start-up and does nothing until those modules are imported. Opt out with
 ``VLLM_RAPID_AUTOLOAD=0`` (then call ``vllm_rapid.enable()`` before building an ``LLM``, or pass
-``scheduler_cls="vllm_rapid.scheduler.RapidScheduler"``).
+``scheduler_cls="vllm_rapid.core.scheduler.RapidScheduler"``).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import sys
 
 # module imported by vLLM -> "module:function" that patches it (imported only when needed)
 PATCHES = {
-    "vllm.engine.arg_utils": "vllm_rapid.engine_args:patch_engine_args",
-    "vllm.entrypoints.cli.main": "vllm_rapid.cli_version:patch_cli_main",
-    "vllm.v1.metrics.stats": "vllm_rapid.stats_patch:patch_scheduler_stats",
+    "vllm.engine.arg_utils": "vllm_rapid.patch.engine_args:patch_engine_args",
+    "vllm.entrypoints.cli.main": "vllm_rapid.patch.cli_version:patch_cli_main",
+    "vllm.v1.metrics.stats": "vllm_rapid.patch.scheduler_stats:patch_scheduler_stats",
 }
 
 

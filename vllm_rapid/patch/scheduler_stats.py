@@ -14,7 +14,7 @@ import logging
 from types import ModuleType
 from typing import Any
 
-from vllm_rapid.versions import SUPPORTED_VLLM
+from vllm_rapid.patch.versions import SUPPORTED_VLLM
 
 logger = logging.getLogger(__name__)
 

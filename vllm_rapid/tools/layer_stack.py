@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vllm_rapid.lanes import ContextFactory
+from vllm_rapid.lanes.lane import ContextFactory
 
 # attend(layer_index, q [tokens, heads, head_dim], k, v [tokens, kv_heads, head_dim]) -> [tokens, heads, head_dim]
 Attend = Callable[[int, Any, Any, Any], Any]

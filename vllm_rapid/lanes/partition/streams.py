@@ -1,17 +1,14 @@
-"""Backends without spatial partitioning: concurrent CUDA/HIP streams on a GPU, threads on CPU.
+"""Plain streams: no spatial partitioning on a GPU, the fallback when green contexts or CU masks are unavailable.
 
-Both offer only the full-overlap split. Streams are the fallback when green contexts or CU masks are unavailable:
-the lanes still overlap, the hardware scheduler decides who runs where.
+Only the full-overlap split: the lanes still overlap, the hardware scheduler decides who runs where.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
 
-from vllm_rapid.lanes import ContextFactory
-from vllm_rapid.partition.base import PartitionBackend
+from vllm_rapid.lanes.lane import ContextFactory
+from vllm_rapid.lanes.partition.base import PartitionBackend
 
 # Lower numbers are higher priorities; torch clamps to the device's range, so -1 means "the highest" on any GPU.
 DECODE_STREAM_PRIORITY = -1
@@ -41,17 +38,3 @@ class StreamsBackend(PartitionBackend):
 
     def close(self) -> None:
         self._contexts.clear()  # torch owns the streams and frees them with their last reference
-
-
-class ThreadsBackend(PartitionBackend):
-    """CPU: the lanes' own threads are the concurrency; torch's CPU kernels release the GIL."""
-
-    name = "threads"
-
-    def __init__(self) -> None:
-        super().__init__(os.cpu_count() or 1)
-        self._register(self.full_split(), contextlib.nullcontext, contextlib.nullcontext)
-
-    def close(self) -> None:
-        self._contexts.clear()
-

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Generator
 from typing import Any
 
-from vllm_rapid.versions import replace_function_code
+from vllm_rapid.patch.versions import replace_function_code
 
 _forward_context_tls = threading.local()
 

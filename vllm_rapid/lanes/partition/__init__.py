@@ -6,7 +6,7 @@ plain streams, CPU threads), picked by :func:`create_partition_backend`.
 
 from __future__ import annotations
 
-from vllm_rapid.partition.base import PartitionBackend, Split
-from vllm_rapid.partition.select import create_partition_backend
+from vllm_rapid.lanes.partition.base import PartitionBackend, Split
+from vllm_rapid.lanes.partition.select import create_partition_backend
 
 __all__ = ["PartitionBackend", "Split", "create_partition_backend"]

@@ -23,10 +23,10 @@ from vllm.config import VllmConfig
 from vllm.v1.engine import FinishReason
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-from vllm_rapid.arm import ArmReason
+from vllm_rapid.lanes.arm import ArmReason
 from vllm_rapid.config import RapidConfig
-from vllm_rapid.engine_args import is_rapid
-from vllm_rapid.stats import LaneStats
+from vllm_rapid.patch.engine_args import is_rapid
+from vllm_rapid.metrics.lane_stats import LaneStats
 
 LABELS = ("model_name", "engine")
 LANES = ("decode", "prefill")

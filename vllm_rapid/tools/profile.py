@@ -3,7 +3,7 @@
 For every split the partition backend pre-creates, it times a decode step (one CUDA graph, as served) for a grid of
 batch sizes and context lengths while a prefill runs on the other lane, and the prefill throughput of the prefill
 partition. The model is a Llama-shaped stack of torch ops with random weights: step times depend on shapes, not
-values (see :mod:`vllm_rapid.layer_stack`). The result is the YAML file that ``rapid.profile_path`` points to.
+values (see :mod:`vllm_rapid.tools.layer_stack`). The result is the YAML file that ``rapid.profile_path`` points to.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from vllm_rapid.arm import DecodeProfile, DecodeSample, PrefillSample
-from vllm_rapid.lanes import ContextFactory
-from vllm_rapid.layer_stack import LlamaStack, ModelDims, capture_graph
-from vllm_rapid.partition import PartitionBackend, create_partition_backend
+from vllm_rapid.lanes.arm import DecodeProfile, DecodeSample, PrefillSample
+from vllm_rapid.lanes.lane import ContextFactory
+from vllm_rapid.tools.layer_stack import LlamaStack, ModelDims, capture_graph
+from vllm_rapid.lanes.partition import PartitionBackend, create_partition_backend
 
 logger = logging.getLogger(__name__)
 

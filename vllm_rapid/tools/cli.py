@@ -6,6 +6,6 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vllm_rapid.profile_cli import main as profile_main
+    from vllm_rapid.tools.profile import main as profile_main
 
     return profile_main(argv if argv is not None else sys.argv[1:])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from vllm_rapid.partition.base import PartitionBackend
+from vllm_rapid.lanes.partition.base import PartitionBackend
 
 logger = logging.getLogger(__name__)
 
@@ -73,17 +73,17 @@ def create_partition_backend(
 
 def _create(name: str, device_index: int, decode_units: Sequence[int] | None) -> PartitionBackend:
     if name == "green_context":
-        from vllm_rapid.partition.nvidia import GreenContextBackend
+        from vllm_rapid.lanes.partition.green_context import GreenContextBackend
 
         return GreenContextBackend(device_index, decode_units)
     if name == "cu_mask":
-        from vllm_rapid.partition.amd import CuMaskBackend
+        from vllm_rapid.lanes.partition.cu_mask import CuMaskBackend
 
         return CuMaskBackend(device_index, decode_units)
     if name == "streams":
-        from vllm_rapid.partition.fallback import StreamsBackend
+        from vllm_rapid.lanes.partition.streams import StreamsBackend
 
         return StreamsBackend(device_index)
-    from vllm_rapid.partition.fallback import ThreadsBackend
+    from vllm_rapid.lanes.partition.threads import ThreadsBackend
 
     return ThreadsBackend()

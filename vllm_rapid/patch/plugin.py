@@ -8,8 +8,8 @@ def register() -> None:
     RAPID's log lines through vLLM's logging."""
     import vllm.engine.arg_utils as arg_utils
 
-    from vllm_rapid.engine_args import patch_engine_args
-    from vllm_rapid.log import adopt_vllm_logging
+    from vllm_rapid.patch.engine_args import patch_engine_args
+    from vllm_rapid.patch.log import adopt_vllm_logging
 
     patch_engine_args(arg_utils)
     adopt_vllm_logging()

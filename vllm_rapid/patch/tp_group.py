@@ -22,9 +22,7 @@ import threading
 import weakref
 from typing import Any
 
-from vllm_rapid.versions import replace_function_code
-
-PREFILL_GROUP_NAME = "tp_rapid_prefill"  # the "tp" prefix selects vLLM's shared-memory path on CPU
+from vllm_rapid.patch.versions import replace_function_code
 
 _tp_override_tls = threading.local()
 
@@ -66,27 +64,7 @@ def apply_thread_local_tp_group() -> bool:
     return True
 
 
-def create_lane_tp_group() -> Any:
-    """A second TP coordinator over the same ranks, for the prefill lane.
-
-    Creating it is a collective: every rank calls this once, at the same point of its start-up.
-    """
-    import vllm.distributed.parallel_state as ps
-
-    tp = ps.get_tp_group()
-    return ps.init_model_parallel_group(
-        tp.group_ranks, tp.local_rank, tp.torch_distributed_backend, group_name=PREFILL_GROUP_NAME
-    )
-
-
 def use_tp_group(group: Any | None) -> None:
     """Make the calling thread's TP collectives use ``group`` (None: vLLM's TP group again)."""
     _tp_override_tls.group = group
     _tp_override_tls.ref = weakref.ref(group) if group is not None else None
-
-
-def current_tp_group_name() -> str:
-    """The unique name of the TP group the calling thread's collectives use."""
-    import vllm.distributed.parallel_state as ps
-
-    return ps.get_tp_group().unique_name

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_rapid.lanes import ContextFactory
+from vllm_rapid.lanes.lane import ContextFactory
 
 
 @dataclass(frozen=True)

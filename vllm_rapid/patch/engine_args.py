@@ -20,10 +20,10 @@ from typing import Any
 
 SCHEDULERS: dict[str, str | None] = {
     "default": None,
-    "rapid": "vllm_rapid.scheduler.RapidScheduler",
+    "rapid": "vllm_rapid.core.scheduler.RapidScheduler",
 }
 RAPID_SCHEDULER = SCHEDULERS["rapid"]
-RAPID_WORKER = "vllm_rapid.worker.RapidWorker"
+RAPID_WORKER = "vllm_rapid.worker.lane_worker.RapidWorker"
 _PATCHED = "_vllm_rapid_patched"
 
 
@@ -42,7 +42,7 @@ def is_rapid(scheduler_cls: Any) -> bool:
     """True for the rapid scheduler given by name-resolved path or as a class (a subclass counts)."""
     if scheduler_cls is None or isinstance(scheduler_cls, str):
         return scheduler_cls == RAPID_SCHEDULER
-    from vllm_rapid.scheduler import RapidScheduler
+    from vllm_rapid.core.scheduler import RapidScheduler
 
     return isinstance(scheduler_cls, type) and issubclass(scheduler_cls, RapidScheduler)
 

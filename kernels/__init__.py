@@ -1,1 +1,0 @@
-"""GPU kernels used to check the partitioning (importable without a GPU or Triton)."""

@@ -1,0 +1,1 @@
+"""Engine-core process: the RAPID scheduler and its KV fences (imports vLLM)."""

@@ -1,0 +1,1 @@
+"""RAPID's metrics: the per-step lane stats payload (engine core -> API server) and the Prometheus logger."""
