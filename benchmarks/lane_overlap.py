@@ -4,7 +4,7 @@ Four requests decode; a 2,500-token prompt arrives. With ``--scheduler rapid`` i
 while decode steps continue; with ``--scheduler default`` vLLM's chunked prefill mixes it into the decode batches.
 Reports decode inter-token latency (ITL) during the prefill vs before it, for both, and writes JSON.
 
-    python benchmarks/lane_overlap.py --out benchmarks/results/cpu-lane-overlap.json
+    python -m benchmarks.lane_overlap --out benchmarks/results/cpu-lane-overlap.json   # from the repository root
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import random
+import shlex
 import statistics
 import sys
 import tempfile
@@ -75,7 +76,8 @@ def _median_gap_ms(times: list[float]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.lane_overlap", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scheduler", choices=["rapid", "default"], help="run one (internal: one engine per process)")
     parser.add_argument("--chunk", type=int, default=512, help="the default scheduler's chunked-prefill size")
     parser.add_argument("--out", default="benchmarks/results/cpu-lane-overlap.json")
@@ -91,12 +93,12 @@ def main() -> None:
 
     results = []
     for scheduler in ("default", "rapid"):
-        done = subprocess.run([sys.executable, __file__, "--scheduler", scheduler, "--chunk", str(args.chunk)],
-                              capture_output=True, text=True, check=True)
+        done = subprocess.run([sys.executable, "-m", "benchmarks.lane_overlap", "--scheduler", scheduler,
+                               "--chunk", str(args.chunk)], capture_output=True, text=True, check=True)
         results.append(json.loads(next(l for l in done.stdout.splitlines() if l.startswith("RESULT "))[7:]))
-    report = {"command": " ".join([os.path.relpath(__file__), *sys.argv[1:]]), "machine": platform.processor()
-              or platform.machine(), "cpus": os.cpu_count(), "model": "tiny random Llama, 4 layers, hidden 256, fp32",
-              "results": results}
+    report = {"command": shlex.join(["python", "-m", "benchmarks.lane_overlap", *sys.argv[1:]]),
+              "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+              "model": "tiny random Llama, 4 layers, hidden 256, fp32", "results": results}
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
     for r in results:

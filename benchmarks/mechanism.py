@@ -4,10 +4,11 @@ A discrete step simulator driven by real kernels and the wall clock: requests of
 lengths from a preset) arrive by wall clock; each policy schedules steps of a random-weight Llama-3-8B-shaped stack
 (real bf16 GEMMs, attention over a paged KV cache; decode steps as CUDA graphs per batch bucket and split) onto
 the project's own Lanes, on the splits of its partition backend, the ARM choosing them for ``lanes-arm``. All
-policies run the same trace at each rate. Needs torch (+ triton and cuda-bindings on NVIDIA), never vLLM.
+policies run the same trace at each rate. Needs torch (+ triton and cuda-bindings on NVIDIA), never vLLM. From the
+repository root:
 
-    python benchmarks/mechanism.py --rates 4,10,16 --duration-s 8 --drain-timeout-s 10   # H200, ~6 min
-    python benchmarks/mechanism.py --device cpu --hidden-size 64 ...                      # CPU smoke (see tests)
+    python -m benchmarks.mechanism --rates 4,10,16 --duration-s 8 --drain-timeout-s 10   # H200, ~6 min
+    python -m benchmarks.mechanism --device cpu --hidden-size 64 ...                      # CPU smoke (see tests)
 
 Writes results.json, goodput.png, itl_cdf.png and partition.png under --out.
 """
@@ -28,36 +29,21 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-sys.path.insert(1, str(REPO))
-
 import torch
-from mechanism_lib import plots
-from mechanism_lib.engine import (
-    DEFAULT_POLICIES,
-    EngineConfig,
-    Policy,
-    RunResult,
-    ServingRun,
-)
-from mechanism_lib.metrics import (
-    ITL_SLO_STATS,
-    OverlapBound,
-    RunSummary,
-    goodput,
-    summarize,
-)
-from mechanism_lib.paged import PagedKVCache
-from mechanism_lib.runner import ModelRunner
-from mechanism_lib.trace import PRESETS, Request, make_trace
 
-from vllm_rapid.lanes.arm import AdaptiveResourceManager, DecodeProfile, RooflineEstimate
+from benchmarks.mechanism_lib import plots
+from benchmarks.mechanism_lib.engine import DEFAULT_POLICIES, EngineConfig, Policy, RunResult, ServingRun
+from benchmarks.mechanism_lib.metrics import ITL_SLO_STATS, OverlapBound, RunSummary, goodput, summarize
+from benchmarks.mechanism_lib.paged import PagedKVCache
+from benchmarks.mechanism_lib.runner import ModelRunner
+from benchmarks.mechanism_lib.trace import PRESETS, Request, make_trace
 from vllm_rapid.config import RapidConfig
+from vllm_rapid.lanes.arm import AdaptiveResourceManager, DecodeProfile, RooflineEstimate
 from vllm_rapid.lanes.lane import Lane
-from vllm_rapid.tools.layer_stack import LlamaStack, ModelDims
 from vllm_rapid.lanes.partition import PartitionBackend, create_partition_backend
+from vllm_rapid.tools.layer_stack import LlamaStack, ModelDims
 
+REPO = Path(__file__).resolve().parents[1]
 WARMUP_OUTPUT_TOKENS = 16
 
 
@@ -72,7 +58,8 @@ def _list(kind: type) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.mechanism", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rates", type=_list(float), default=[4.0, 8.0, 12.0, 16.0], help="request rates (req/s)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--duration-s", type=float, help="arrivals during this many seconds (default 20)")
@@ -188,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     traces = make_traces(args)
     max_seq_len = max(r.prompt_len + r.output_len for trace in traces.values() for r in trace)
     report: dict[str, Any] = {
-        "command": shlex.join(["python", str(Path(__file__).resolve().relative_to(REPO)), *argv]),
+        "command": shlex.join(["python", "-m", "benchmarks.mechanism", *argv]),
         "torch": torch.__version__,
         "device": name,
         "args": vars(args),

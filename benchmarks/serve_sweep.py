@@ -10,7 +10,9 @@ to ``--out``:
 * ``goodput.png`` and ``p99_itl.png``: one line per scheduler,
 * ``raw/`` (the JSONs saved by ``vllm bench serve``) and ``logs/`` (server and benchmark output).
 
-    python benchmarks/serve_sweep.py --model meta-llama/Llama-3.1-8B-Instruct --rates 1,2,4,8,16 \\
+From the repository root:
+
+    python -m benchmarks.serve_sweep --model meta-llama/Llama-3.1-8B-Instruct --rates 1,2,4,8,16 \\
         --out results/llama8b -- --max-model-len 8192
 
 Arguments after ``--`` go to both ``vllm serve`` runs unchanged. Without ``--model`` a tiny random-weight Llama is
@@ -320,7 +322,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if "--" in argv:  # everything after "--" belongs to vllm serve
         split = argv.index("--")
         argv, serve_args = argv[:split], argv[split + 1:]
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.serve_sweep", description=__doc__.split("\n\n")[0],
                                      epilog="Arguments after -- are passed to `vllm serve` unchanged.")
     parser.add_argument("--model", help="model to serve (default: build a tiny random Llama into --out)")
     parser.add_argument("--out", type=Path, default=Path(f"serve-sweep-{time.strftime('%Y%m%d-%H%M%S')}"))

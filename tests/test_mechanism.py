@@ -1,30 +1,22 @@
-"""The GPU mechanism benchmark (benchmarks/mechanism.py) at a tiny scale: pipeline, metrics, files. No timing
+"""The GPU mechanism benchmark (``python -m benchmarks.mechanism``) at a tiny scale: pipeline, metrics, files. No timing
 assertions: on CPU the numbers mean nothing; the GPU runs are for the H200."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import mechanism
-import mechanism_lib.runner as runner_module
-from mechanism_lib.engine import DEFAULT_POLICIES, Policy
-from mechanism_lib.paged import (
-    PagedKVCache,
-    paged_decode_attention,
-    torch_paged_decode_attention,
-)
-from mechanism_lib.runner import ChunkInputs, DecodeInputs, ModelRunner, StepInputs
-from mechanism_lib.trace import make_trace
-
-from vllm_rapid.tools.layer_stack import LlamaStack, ModelDims
+import benchmarks.mechanism_lib.runner as runner_module
+from benchmarks import mechanism
+from benchmarks.mechanism_lib.engine import DEFAULT_POLICIES, Policy
+from benchmarks.mechanism_lib.paged import PagedKVCache, paged_decode_attention, torch_paged_decode_attention
+from benchmarks.mechanism_lib.runner import ChunkInputs, DecodeInputs, ModelRunner, StepInputs
+from benchmarks.mechanism_lib.trace import make_trace
 from vllm_rapid.lanes.partition.threads import ThreadsBackend
+from vllm_rapid.tools.layer_stack import LlamaStack, ModelDims
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 TINY = ModelDims(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, vocab_size=256,
@@ -85,7 +77,7 @@ def test_hybrid_never_exceeds_its_chunk_budget(cpu_run):
 def test_report_and_plots_are_written(cpu_run):
     _, out = cpu_run
     saved = json.loads((out / "results.json").read_text())
-    assert saved["command"].startswith("python benchmarks/mechanism.py") and "--device cpu" in saved["command"]
+    assert saved["command"].startswith("python -m benchmarks.mechanism ") and "--device cpu" in saved["command"]
     assert saved["torch"] == torch.__version__ and saved["device"]
     assert set(saved["lanes_arm_partition"]) == {str(r) for r in RATES}
     for name in ("goodput.png", "itl_cdf.png", "partition.png"):

@@ -1,5 +1,5 @@
-"""benchmarks/serve_sweep.py end to end at a tiny scale on CPU: the pipeline (servers, `vllm bench serve`, the
-combined JSON, the table and the plots), not speed: nothing here looks at timings."""
+"""``python -m benchmarks.serve_sweep`` end to end at a tiny scale on CPU: the pipeline (servers, `vllm bench serve`,
+the combined JSON, the table and the plots), not speed: nothing here looks at timings."""
 
 from __future__ import annotations
 
@@ -14,20 +14,20 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "serve_sweep.py"
+REPO = Path(__file__).resolve().parent.parent
 SCHEDULERS, RATES = ("default", "rapid"), (2.0, 8.0)
 TIMEOUT_S = 420
 
 
 def run_sweep(out: Path) -> subprocess.CompletedProcess[str]:
     cmd = [
-        sys.executable, str(SCRIPT), "--out", str(out),
+        sys.executable, "-m", "benchmarks.serve_sweep", "--out", str(out),
         "--schedulers", ",".join(SCHEDULERS), "--rates", ",".join(f"{r:g}" for r in RATES),
         "--num-prompts", "20", "--input-len", "128", "--output-len", "16",
         "--", "--max-model-len", "1024", "--enforce-eager", "--kv-cache-memory-bytes", str(256 << 20),
     ]
     # Own session: if the sweep overruns, SIGTERM lets it stop its servers; SIGKILL to the group is the last resort.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                             stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         stdout, _ = proc.communicate(timeout=TIMEOUT_S)
@@ -39,7 +39,7 @@ def run_sweep(out: Path) -> subprocess.CompletedProcess[str]:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-        pytest.fail(f"serve_sweep.py did not finish within {TIMEOUT_S} s:\n{stdout[-4000:]}")
+        pytest.fail(f"benchmarks.serve_sweep did not finish within {TIMEOUT_S} s:\n{stdout[-4000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, None)
 
 

@@ -22,9 +22,9 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 
-from mechanism_lib.paged import BlockAllocator
-from mechanism_lib.runner import ChunkInputs, DecodeInputs, ModelRunner, StepInputs
-from mechanism_lib.trace import Request
+from benchmarks.mechanism_lib.paged import BlockAllocator
+from benchmarks.mechanism_lib.runner import ChunkInputs, DecodeInputs, ModelRunner, StepInputs
+from benchmarks.mechanism_lib.trace import Request
 from vllm_rapid.lanes.arm import AdaptiveResourceManager
 from vllm_rapid.lanes.lane import Lane
 from vllm_rapid.lanes.partition import PartitionBackend, Split

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mechanism_lib.engine import RunResult
+from benchmarks.mechanism_lib.engine import RunResult
 
 GOODPUT_ATTAINMENT = 0.9
 # Statistic of a request's own inter-token gaps compared with the ITL SLO. The ARM steers every decode step to the

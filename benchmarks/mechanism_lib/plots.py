@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from mechanism_lib.metrics import GOODPUT_ATTAINMENT, RunSummary
+from benchmarks.mechanism_lib.metrics import GOODPUT_ATTAINMENT, RunSummary
 
 
 def plot_goodput(path: Path, by_policy: dict[str, list[RunSummary]], goodputs: dict[str, float]) -> None:
@@ -37,7 +37,8 @@ def plot_itl_cdf(path: Path, itls_ms: dict[str, list[float]], rate: float, itl_s
         if values:
             ax.plot(np.sort(values), np.linspace(0, 1, len(values), endpoint=False), label=policy)
     ax.axvline(itl_slo_ms, color="grey", linestyle="--", linewidth=1, label="ITL SLO")
-    ax.set(xscale="log", xlabel="inter-token latency (ms)", ylabel="fraction of gaps", title=f"ITL CDF at {rate:g} req/s")
+    ax.set(xscale="log", xlabel="inter-token latency (ms)", ylabel="fraction of gaps",
+           title=f"ITL CDF at {rate:g} req/s")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

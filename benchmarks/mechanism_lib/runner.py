@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mechanism_lib.paged import SCRATCH_BLOCK, PagedKVCache, paged_decode_attention
+from benchmarks.mechanism_lib.paged import SCRATCH_BLOCK, PagedKVCache, paged_decode_attention
 from vllm_rapid.tools.layer_stack import LlamaStack, capture_graph, causal_attention
 from vllm_rapid.lanes.partition import PartitionBackend, Split
 
