@@ -35,8 +35,8 @@ from benchmarks.mechanism_lib import plots
 from benchmarks.mechanism_lib.engine import DEFAULT_POLICIES, EngineConfig, Policy, RunResult, ServingRun
 from benchmarks.mechanism_lib.metrics import ITL_SLO_STATS, OverlapBound, RunSummary, goodput, summarize
 from benchmarks.mechanism_lib.paged import PagedKVCache
-from benchmarks.mechanism_lib.runner import ModelRunner
-from benchmarks.mechanism_lib.trace import PRESETS, Request, make_trace
+from benchmarks.mechanism_lib.runner import StackRunner
+from benchmarks.mechanism_lib.trace import PRESETS, TraceRequest, make_trace
 from vllm_rapid.config import RapidConfig
 from vllm_rapid.lanes.arm import AdaptiveResourceManager, DecodeProfile, RooflineEstimate
 from vllm_rapid.lanes.lane import Lane
@@ -100,7 +100,7 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
 
 
-def make_traces(args: argparse.Namespace) -> dict[float, list[Request]]:
+def make_traces(args: argparse.Namespace) -> dict[float, list[TraceRequest]]:
     """One trace per rate, the same seed for all (lengths then match across rates)."""
     duration = None if args.num_requests else args.duration_s or 20.0
     return {
@@ -129,7 +129,7 @@ class Benchmark:
             raise SystemExit(f"--kv-cache-gib {args.kv_cache_gib} cannot hold one {max_seq_len}-token request")
         self.cache = PagedKVCache(self.dims, num_blocks, args.block_size, device, dtype)
         max_chunk = max([args.prefill_batch_tokens, *(p.chunk_budget or 0 for p in policies)])
-        self.runner = ModelRunner(self.stack, self.cache, max_chunk + args.max_num_seqs, args.max_num_seqs,
+        self.runner = StackRunner(self.stack, self.cache, max_chunk + args.max_num_seqs, args.max_num_seqs,
                                   max_seq_len)
         if device.type == "cuda":
             splits = self.backend.splits() if any(p.arm for p in policies) else [self.backend.full_split()]
@@ -150,7 +150,7 @@ class Benchmark:
         config = RapidConfig(itl_slo_ms=self.args.itl_slo_ms, ttft_slo_ms=self.args.ttft_slo_ms)
         return AdaptiveResourceManager(config, self.backend, profile=self.profile, roofline=self.roofline)
 
-    def run(self, policy: Policy, trace: list[Request], rate: float) -> RunResult:
+    def run(self, policy: Policy, trace: list[TraceRequest], rate: float) -> RunResult:
         serving = ServingRun(policy, trace, self.runner, self.backend, self.lanes, self.config, self.make_arm, rate)
         return serving.run()
 
@@ -200,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return report
 
 
-def _sweep(bench: Benchmark, policies: list[Policy], traces: dict[float, list[Request]], report: dict,
+def _sweep(bench: Benchmark, policies: list[Policy], traces: dict[float, list[TraceRequest]], report: dict,
            path: Path) -> tuple[dict[tuple[str, float], RunResult], list[RunSummary]]:
     first = next(iter(traces.values()))
     warmup = [replace(r, arrival_s=0.0, output_len=min(r.output_len, WARMUP_OUTPUT_TOKENS))

@@ -13,7 +13,7 @@ import benchmarks.mechanism_lib.runner as runner_module
 from benchmarks import mechanism
 from benchmarks.mechanism_lib.engine import DEFAULT_POLICIES, Policy
 from benchmarks.mechanism_lib.paged import PagedKVCache, paged_decode_attention, torch_paged_decode_attention
-from benchmarks.mechanism_lib.runner import ChunkInputs, DecodeInputs, ModelRunner, StepInputs
+from benchmarks.mechanism_lib.runner import ChunkInputs, DecodeInputs, StackRunner, StepInputs
 from benchmarks.mechanism_lib.trace import make_trace
 from vllm_rapid.lanes.partition.threads import ThreadsBackend
 from vllm_rapid.tools.layer_stack import LlamaStack, ModelDims
@@ -90,7 +90,7 @@ def test_paged_chunked_steps_match_the_plain_stack():
     torch.manual_seed(0)
     stack = LlamaStack(TINY, torch.device("cpu"), torch.float32)
     cache = PagedKVCache(TINY, num_blocks=16, block_size=4, device="cpu", dtype=torch.float32)
-    runner = ModelRunner(stack, cache, max_tokens=32, max_num_seqs=4, max_seq_len=16)
+    runner = StackRunner(stack, cache, max_tokens=32, max_num_seqs=4, max_seq_len=16)
     seq, other = [9, 3, 12], [5, 1]  # scattered blocks
     x, y = torch.randn(11, 64), torch.randn(5, 64)
     runner.forward(y[:4], None, [ChunkInputs.build(other, 0, 4, 4)])  # the other sequence's prompt
@@ -129,7 +129,7 @@ def test_decode_graph_path_pads_the_batch_to_its_bucket(monkeypatch):
     caches[1].v.copy_(torch.randn_like(caches[1].v))
     caches[0].k.copy_(caches[1].k)
     caches[0].v.copy_(caches[1].v)
-    graphed, eager = (ModelRunner(stack, c, max_tokens=8, max_num_seqs=4, max_seq_len=16) for c in caches)
+    graphed, eager = (StackRunner(stack, c, max_tokens=8, max_num_seqs=4, max_seq_len=16) for c in caches)
     eager.x = graphed.x
     backend = ThreadsBackend()
     graphed.capture(backend, [backend.full_split()])

@@ -22,9 +22,9 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 
-from benchmarks.mechanism_lib.paged import BlockAllocator
-from benchmarks.mechanism_lib.runner import ChunkInputs, DecodeInputs, ModelRunner, StepInputs
-from benchmarks.mechanism_lib.trace import Request
+from benchmarks.mechanism_lib.paged import BlockFreeList
+from benchmarks.mechanism_lib.runner import ChunkInputs, DecodeInputs, StackRunner, StepInputs
+from benchmarks.mechanism_lib.trace import TraceRequest
 from vllm_rapid.lanes.arm import AdaptiveResourceManager
 from vllm_rapid.lanes.lane import Lane
 from vllm_rapid.lanes.partition import PartitionBackend, Split
@@ -57,8 +57,10 @@ class EngineConfig:
 
 
 @dataclass
-class RequestState:
-    req: Request
+class TraceRequestState:
+    """One trace request's progress in one run: its KV blocks, the prompt tokens cached, the tokens generated."""
+
+    req: TraceRequest
     blocks: list[int]
     computed: int = 0  # prompt tokens in the cache
     generated: int = 0
@@ -92,15 +94,15 @@ class StepRecord:
 class RunResult:
     policy: str
     rate: float
-    requests: list[RequestState]
+    requests: list[TraceRequestState]
     steps: list[StepRecord]
 
 
 @dataclass
 class _Work:
     lane: str
-    decodes: list[RequestState]
-    chunks: list[tuple[RequestState, int]]  # (request, prompt tokens)
+    decodes: list[TraceRequestState]
+    chunks: list[tuple[TraceRequestState, int]]  # (request, prompt tokens)
     split: Split
 
 
@@ -110,8 +112,8 @@ class ServingRun:
     def __init__(
         self,
         policy: Policy,
-        trace: list[Request],
-        runner: ModelRunner,
+        trace: list[TraceRequest],
+        runner: StackRunner,
         backend: PartitionBackend,
         lanes: dict[str, Lane],
         config: EngineConfig,
@@ -121,10 +123,10 @@ class ServingRun:
         self.policy, self.rate, self.runner, self.backend, self.config = policy, rate, runner, backend, config
         self.lanes = lanes if policy.two_lanes else {"step": lanes["decode"]}
         self.arm = make_arm() if policy.arm else None
-        self.allocator = BlockAllocator(runner.cache.num_blocks)
-        self.states = [RequestState(r, []) for r in trace]
-        self.waiting: deque[RequestState] = deque()  # arrived, not admitted
-        self.active: list[RequestState] = []  # admitted, unfinished, in admission order
+        self.free_blocks = BlockFreeList(runner.cache.num_blocks)
+        self.states = [TraceRequestState(r, []) for r in trace]
+        self.waiting: deque[TraceRequestState] = deque()  # arrived, not admitted
+        self.active: list[TraceRequestState] = []  # admitted, unfinished, in admission order
         self.steps: list[StepRecord] = []
         self.t0 = 0.0  # perf_counter at the start of the run
 
@@ -164,9 +166,9 @@ class ServingRun:
         while self.waiting and len(self.active) < self.config.max_num_seqs:
             state = self.waiting[0]
             needed = -(-(state.req.prompt_len + state.req.output_len) // self.config.block_size)
-            if needed > self.allocator.free:
+            if needed > self.free_blocks.num_free:
                 return
-            state.blocks = self.allocator.allocate(needed)
+            state.blocks = self.free_blocks.allocate(needed)
             self.active.append(self.waiting.popleft())
 
     def _next_work(self, lane: str) -> _Work | None:
@@ -181,10 +183,10 @@ class ServingRun:
             return None
         return _Work(lane, decodes, chunks, self._split(lane, decodes))
 
-    def _pick_prompts(self, budget: int, split_last: bool) -> list[tuple[RequestState, int]]:
+    def _pick_prompts(self, budget: int, split_last: bool) -> list[tuple[TraceRequestState, int]]:
         """Prompt tokens in admission order up to ``budget``; a prompt is cut only when ``split_last`` or when it
         alone exceeds the budget."""
-        chunks: list[tuple[RequestState, int]] = []
+        chunks: list[tuple[TraceRequestState, int]] = []
         for state in self.active:
             if budget == 0:
                 break
@@ -197,7 +199,7 @@ class ServingRun:
             budget -= chunks[-1][1]
         return chunks
 
-    def _split(self, lane: str, decodes: list[RequestState]) -> Split:
+    def _split(self, lane: str, decodes: list[TraceRequestState]) -> Split:
         if self.arm is None:
             return self.backend.full_split()
         if lane == "prefill":
@@ -240,7 +242,7 @@ class ServingRun:
         for state in [*work.decodes, *(s for s, _ in work.chunks)]:
             state.busy = False
             if state.generated >= state.req.output_len:
-                self.allocator.release(state.blocks)
+                self.free_blocks.release(state.blocks)
                 self.active.remove(state)
         mean_context = sum(contexts) / len(contexts) if contexts else 0.0
         self.steps.append(StepRecord(work.lane, start, end, len(work.decodes), sum(n for _, n in work.chunks),

@@ -29,14 +29,14 @@ class PagedKVCache:
         self.block_size = block_size
 
 
-class BlockAllocator:
+class BlockFreeList:
     """Free list of cache blocks; block 0 stays reserved as scratch."""
 
     def __init__(self, num_blocks: int) -> None:
         self._free = list(range(num_blocks - 1, SCRATCH_BLOCK, -1))
 
     @property
-    def free(self) -> int:
+    def num_free(self) -> int:
         return len(self._free)
 
     def allocate(self, n: int) -> list[int]:

@@ -96,7 +96,7 @@ class _Graph:
     graphs: dict[Split, Any]
 
 
-class ModelRunner:
+class StackRunner:
     """The stack, its paged cache, random input activations, and (on CUDA) the decode graphs."""
 
     def __init__(

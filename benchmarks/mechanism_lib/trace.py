@@ -9,7 +9,7 @@ import numpy as np
 
 
 @dataclass(frozen=True)
-class Request:
+class TraceRequest:
     """One request of a trace; ``arrival_s`` is relative to the start of the run."""
 
     rid: int
@@ -64,7 +64,7 @@ def make_trace(
     duration_s: float | None = None,
     num_requests: int | None = None,
     length_scale: float = 1.0,
-) -> list[Request]:
+) -> list[TraceRequest]:
     """Poisson arrivals at ``rate`` req/s for ``duration_s`` seconds, or exactly ``num_requests`` of them."""
     if (duration_s is None) == (num_requests is None):
         raise ValueError("give exactly one of duration_s and num_requests")
@@ -82,4 +82,4 @@ def make_trace(
         long = rng.random(n) < spec.long_fraction
         prompts[long] = max(1, round(spec.long_prompt * length_scale))
     outputs = spec.output.sample(rng, n, length_scale)
-    return [Request(i, float(a), int(p), int(o)) for i, (a, p, o) in enumerate(zip(arrivals, prompts, outputs))]
+    return [TraceRequest(i, float(a), int(p), int(o)) for i, (a, p, o) in enumerate(zip(arrivals, prompts, outputs))]
