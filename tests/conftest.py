@@ -13,7 +13,8 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
-    """A 2-layer Llama (hidden 128) with a locally trained tokenizer; weights come from load_format='dummy'."""
+    """A 2-layer Llama (hidden 128) with a locally trained tokenizer and seeded random weights (vLLM's dummy weights
+    would make almost every logit a tie; see ``vllm_rapid.testing.tiny_model``)."""
     from vllm_rapid.testing.tiny_model import make_tiny_llama
 
     return str(make_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))

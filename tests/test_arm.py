@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import subprocess
@@ -12,14 +13,8 @@ import torch
 import yaml
 
 from fake_backend import FakeBackend
-from vllm_rapid.lanes.arm import (
-    AdaptiveResourceManager,
-    DecodeProfile,
-    DecodeSample,
-    PrefillSample,
-    ProfileError,
-    RooflineEstimate,
-)
+from vllm_rapid.lanes.arm import AdaptiveResourceManager, ArmInputs, ArmReason, DecodeObservation
+from vllm_rapid.lanes.step_time import DecodeProfile, DecodeSample, ProfileError, RooflineEstimate
 from vllm_rapid.config import RapidConfig
 from vllm_rapid.lanes.partition import Split
 from vllm_rapid.tools.profile import NO_GPU_EXIT_CODE, LlamaStack, ModelDims, main
@@ -50,8 +45,7 @@ def make_profile() -> DecodeProfile:
     decode = [
         DecodeSample(b, c, u, step_ms(b, c, u)) for u in [*PARTITIONS, TOTAL] for b in BATCHES for c in CONTEXTS
     ]
-    prefill = [PrefillSample(TOTAL - u, 100.0 * (TOTAL - u)) for u in PARTITIONS] + [PrefillSample(TOTAL, 7000.0)]
-    return DecodeProfile(TOTAL, decode, prefill, device="fake GPU", model="synthetic")
+    return DecodeProfile(TOTAL, decode, device="fake GPU", model="synthetic", backend="fake")
 
 
 def make_arm(**options) -> tuple[AdaptiveResourceManager, FakeBackend]:
@@ -60,8 +54,8 @@ def make_arm(**options) -> tuple[AdaptiveResourceManager, FakeBackend]:
     return AdaptiveResourceManager(RapidConfig(**options), backend, profile=make_profile()), backend
 
 
-HEAVY = dict(decode_batch_size=32, mean_context_len=2048, prefill_queue_wait_ms=50.0, prefill_inflight=True)
-LIGHT = dict(decode_batch_size=32, mean_context_len=2048, prefill_queue_wait_ms=0.0, prefill_inflight=False)
+HEAVY = ArmInputs(decode_batch_size=32, mean_context_len=2048, prefill_wait_ms=50.0, prefill_inflight=True)
+LIGHT = ArmInputs(decode_batch_size=32, mean_context_len=2048, prefill_wait_ms=0.0, prefill_inflight=False)
 
 
 # --- decisions ---
@@ -69,96 +63,103 @@ LIGHT = dict(decode_batch_size=32, mean_context_len=2048, prefill_queue_wait_ms=
 
 def test_no_prefill_pending_is_full_overlap():
     arm, backend = make_arm()
-    decision = arm.decide(**LIGHT)
-    assert decision.split == backend.full_split() and "no prefill pending" in decision.reason
+    decision = arm.decide(LIGHT)
+    assert decision.split == backend.full_split() and "no prefill pending" in decision.detail
 
 
 def test_light_decode_load_overlaps_even_with_a_prefill_running():
     arm, backend = make_arm()
-    decision = arm.decide(1, 512, 10.0, True)  # 5.15 ms x 3 under overlap, well inside 30 ms
-    assert decision.split == backend.full_split() and "overlap meets ITL" in decision.reason
+    decision = arm.decide(ArmInputs(1, 512, 10.0, True))  # 5.15 ms x 3 under overlap, well inside 30 ms
+    assert decision.split == backend.full_split() and "overlap meets ITL" in decision.detail
     assert decision.predicted_decode_ms == pytest.approx(step_ms(1, 512, TOTAL))
 
 
 def test_heavy_load_takes_the_smallest_decode_partition_meeting_the_slo():
     arm, backend = make_arm()
-    decision = arm.decide(**HEAVY)
+    decision = arm.decide(HEAVY)
     # 32 x 2048: 73.8 ms on 20 units, 36.9 on 40, 24.6 on 60 (the first under 30), 44.3 under full overlap.
     assert decision.split == Split(60, 40, TOTAL, False)
     assert decision.split in backend.splits()
-    assert "smallest decode partition meeting ITL" in decision.reason
+    assert "smallest decode partition meeting ITL" in decision.detail
     assert decision.predicted_decode_ms == pytest.approx(step_ms(32, 2048, 60))
 
 
 def test_when_nothing_meets_the_slo_the_fastest_split_wins():
     arm, _ = make_arm(itl_slo_ms=10.0)
-    decision = arm.decide(**HEAVY)
-    assert decision.split.decode_units == 80 and "no split meets ITL" in decision.reason
+    decision = arm.decide(HEAVY)
+    assert decision.split.decode_units == 80 and "no split meets ITL" in decision.detail
 
 
 def test_hysteresis_needs_consecutive_wins_and_does_not_flap():
     arm, backend = make_arm(arm_hysteresis_steps=3)
     for _ in range(5):  # alternating load never lets a challenger win three times in a row
-        assert arm.decide(**HEAVY).split == backend.full_split()
-        assert arm.decide(**LIGHT).split == backend.full_split()
-    first, second = arm.decide(**HEAVY), arm.decide(**HEAVY)
+        assert arm.decide(HEAVY).split == backend.full_split()
+        assert arm.decide(LIGHT).split == backend.full_split()
+    first, second = arm.decide(HEAVY), arm.decide(HEAVY)
     assert first.split == second.split == backend.full_split()
-    assert "hysteresis" in first.reason and "won 2/3" in second.reason
-    assert arm.decide(**HEAVY).split.decode_units == 60
+    assert first.reason == ArmReason.HYSTERESIS and "won 2/3" in second.detail
+    assert arm.decide(HEAVY).split.decode_units == 60
     for _ in range(5):
-        assert arm.decide(**LIGHT).split.decode_units == 60
-        assert arm.decide(**HEAVY).split.decode_units == 60
+        assert arm.decide(LIGHT).split.decode_units == 60
+        assert arm.decide(HEAVY).split.decode_units == 60
     assert arm.current_split.decode_units == 60
 
 
 def test_ttft_guard_gives_prefill_one_step_more_at_once():
     arm, _ = make_arm(arm_hysteresis_steps=3)
-    waiting = dict(HEAVY, prefill_queue_wait_ms=900.0)  # > 0.8 x 1000 ms
-    decision = arm.decide(**waiting)
+    waiting = dataclasses.replace(HEAVY, prefill_wait_ms=900.0)  # > 0.8 x 1000 ms
+    decision = arm.decide(waiting)
     assert decision.split.decode_units == 40  # one size below the ITL choice (60), no hysteresis wait
-    assert decision.reason.startswith("ttft-guard")
-    assert arm.decide(**dict(HEAVY, prefill_queue_wait_ms=700.0)).split.decode_units == 40  # held by hysteresis
+    assert decision.reason == ArmReason.TTFT_GUARD and decision.detail.startswith("ttft-guard")
+    assert arm.decide(dataclasses.replace(HEAVY, prefill_wait_ms=700.0)).split.decode_units == 40  # held by hysteresis
 
 
 def test_online_correction_raises_the_partition_when_steps_run_slower_than_predicted():
     arm, _ = make_arm()
-    chosen = arm.decide(**HEAVY).split
+    chosen = arm.decide(HEAVY).split
     assert chosen.decode_units == 60
     for _ in range(10):
-        arm.observe_decode_step(chosen, 32, 2048, 2.0 * step_ms(32, 2048, 60))
+        arm.observe(DecodeObservation(chosen, 32, 2048, 2.0 * step_ms(32, 2048, 60)))
     assert arm.predict_decode_ms(chosen, 32, 2048) > 30.0
-    assert arm.decide(**HEAVY).split.decode_units == 80
+    assert arm.decide(HEAVY).split.decode_units == 80
 
 
 def test_online_correction_ignores_a_single_outlier():
     arm, _ = make_arm()
     split = Split(60, 40, TOTAL, False)
-    arm.observe_decode_step(split, 32, 2048, 1000.0 * step_ms(32, 2048, 60))
-    assert arm.decide(**HEAVY).split == split
+    arm.observe(DecodeObservation(split, 32, 2048, 1000.0 * step_ms(32, 2048, 60)))
+    assert arm.decide(HEAVY).split == split
 
 
 def test_full_overlap_policy():
     arm, backend = make_arm(arm_policy="full_overlap")
     for load in (HEAVY, LIGHT):
-        decision = arm.decide(**load)
-        assert decision.split == backend.full_split() and decision.reason == "policy full_overlap"
+        decision = arm.decide(load)
+        assert decision.split == backend.full_split() and decision.detail == "policy full_overlap"
 
 
 @pytest.mark.parametrize(("fraction", "units"), [(0.5, 60), (0.3, 40), (0.2, 20), (0.9, TOTAL)])
 def test_static_policy_uses_the_precreated_split_at_or_above_the_fraction(fraction, units):
     arm, _ = make_arm(arm_policy="static", static_decode_fraction=fraction)
     for load in (HEAVY, LIGHT):
-        decision = arm.decide(**load)
-        assert decision.split.decode_units == units and decision.reason == "policy static"
+        decision = arm.decide(load)
+        assert decision.split.decode_units == units and decision.detail == "policy static"
 
 
-def test_cpu_threads_backend_always_overlaps():
+def test_cpu_threads_give_decode_every_core_alone_and_a_partition_beside_a_prefill():
+    """CPU lanes are OpenMP teams: both on every core at once would oversubscribe them, so while a prefill runs the
+    ARM leaves the full split at once (no hysteresis) for a partition, even one predicted slower, and returns as soon
+    as the prefill lane is idle."""
     from vllm_rapid.lanes.partition.threads import ThreadsBackend
 
-    backend = ThreadsBackend()
-    profile = DecodeProfile(backend.total_units, [DecodeSample(1, 1, backend.total_units, 500.0)])
-    arm = AdaptiveResourceManager(RapidConfig(arm_hysteresis_steps=1), backend, profile=profile)
-    assert arm.decide(**HEAVY).split == backend.full_split()
+    backend = ThreadsBackend(cores=8)
+    profile = DecodeProfile(8, [DecodeSample(1, 1, units, 1.0) for units in (2, 3, 4, 5, 6, 8)])
+    arm = AdaptiveResourceManager(RapidConfig(arm_hysteresis_steps=3), backend, profile=profile)
+    assert arm.decide(LIGHT).split == backend.full_split()
+    beside_prefill = arm.decide(HEAVY).split
+    assert not beside_prefill.full_overlap
+    assert beside_prefill.decode_units + beside_prefill.prefill_units == 8
+    assert arm.decide(LIGHT).split == backend.full_split()
 
 
 def test_profile_from_another_device_is_refused():
@@ -183,10 +184,6 @@ def test_profile_lookup_is_conservative():
     assert profile.decode_step_ms(at(40), 256, 8192) == pytest.approx(2 * step_ms(128, 8192, 40))  # beyond grid
     assert profile.decode_step_ms(at(50), 32, 2048) == step_ms(32, 2048, 40)  # unmeasured split: fewer units
     assert profile.decode_step_ms(at(10), 32, 2048) == pytest.approx(2 * step_ms(32, 2048, 20))
-    assert profile.prefill_tokens_per_s(60) == 6000.0
-    assert profile.prefill_tokens_per_s(65) == 6000.0
-    assert profile.prefill_tokens_per_s(10) == 1000.0  # below the smallest measured (20): scaled down
-    assert DecodeProfile(TOTAL, profile.decode).prefill_tokens_per_s(60) is None
 
 
 def test_profile_yaml_round_trip(tmp_path):
@@ -201,7 +198,7 @@ def test_arm_loads_the_profile_named_by_the_config(tmp_path):
     make_profile().save(path)
     config = RapidConfig(profile_path=str(path), itl_slo_ms=30.0, arm_hysteresis_steps=1)
     arm = AdaptiveResourceManager(config, make_backend())
-    assert arm.decide(**HEAVY).split.decode_units == 60
+    assert arm.decide(HEAVY).split.decode_units == 60
 
 
 def _good() -> dict:
@@ -209,7 +206,6 @@ def _good() -> dict:
         "version": 1,
         "total_units": 100,
         "decode": [{"batch_size": 1, "context_len": 512, "decode_units": 40, "step_ms": 5.0}],
-        "prefill": [{"prefill_units": 60, "tokens_per_s": 1000}],
     }
 
 
@@ -225,7 +221,7 @@ def _good() -> dict:
         (lambda d: d["decode"][0].update(step_ms=-1), r"decode\[0\].step_ms must be a positive number"),
         (lambda d: d["decode"][0].update(batch_size=1.5), r"decode\[0\].batch_size must be a positive integer"),
         (lambda d: d["decode"][0].update(decode_units=101), "exceeds total_units=100"),
-        (lambda d: d["prefill"][0].update(tokens_per_s=True), r"prefill\[0\].tokens_per_s must be a positive"),
+        (lambda d: d["decode"][0].update(step_ms=True), r"decode\[0\].step_ms must be a positive number"),
         (lambda d: d.update(colour="blue"), r"unknown field\(s\) \['colour'\]"),
     ],
 )
@@ -276,12 +272,12 @@ def test_roofline_is_used_without_a_profile_and_says_so_once(caplog):
         arm = AdaptiveResourceManager(
             RapidConfig(itl_slo_ms=30.0, arm_hysteresis_steps=1), backend, roofline=llama8b_on_h200()
         )
-        decisions = [arm.decide(128, 4096, 100.0, True) for _ in range(5)]
+        decisions = [arm.decide(ArmInputs(128, 4096, 100.0, True)) for _ in range(5)]
     assert sum("ESTIMATE" in r.getMessage() for r in caplog.records) == 1
     # 16 GB of weights + 69 GB of KV: 29.4 ms at full bandwidth, which needs at least half the SMs (72 of 132).
     assert all(d.split.decode_units == 72 for d in decisions)
-    assert "smallest decode partition meeting ITL" in decisions[0].reason
-    assert arm.decide(1, 512, 100.0, True).split == backend.full_split()  # 8.4 ms under overlap
+    assert "smallest decode partition meeting ITL" in decisions[0].detail
+    assert arm.decide(ArmInputs(1, 512, 100.0, True)).split == backend.full_split()  # 8.4 ms under overlap
 
 
 # --- the profile CLI ---

@@ -163,7 +163,7 @@ def test_create_engine_config_completes_rapid(tiny_model, no_rapid_env):
     config = rapid_engine_config(tiny_model, {"rapid": {"itl_slo_ms": 50}})
     assert config.scheduler_config.scheduler_cls == RAPID_SCHEDULER
     assert config.parallel_config.worker_cls == RAPID_WORKER
-    assert RapidConfig.from_sources(config.additional_config).itl_slo_ms == 50.0
+    assert RapidConfig.of(config).itl_slo_ms == 50.0
 
 
 def test_bad_rapid_value(tiny_model, no_rapid_env):
@@ -199,7 +199,7 @@ def test_default_scheduler_ignores_rapid_section(tiny_model, no_rapid_env):
 
 def test_example_rapid_config_yaml(tiny_model, no_rapid_env):
     config = rapid_engine_config(tiny_model, {"rapid": str(RAPID_CONFIG_YAML)})
-    rapid = RapidConfig.from_sources(config.additional_config)
+    rapid = RapidConfig.of(config)
     assert rapid.itl_slo_ms == 100.0
     assert rapid.arm_policy == "adaptive"
     assert rapid.record_lane_events is False
@@ -210,7 +210,7 @@ def test_rapid_config_env_var(tiny_model, monkeypatch, tmp_path):
     path.write_text("itl_slo_ms: 40\nidle_wait_ms: 5\n")
     monkeypatch.setenv(CONFIG_ENV, str(path))
     config = rapid_engine_config(tiny_model, {"rapid": {"idle_wait_ms": 7}})  # additional_config wins per key
-    rapid = RapidConfig.from_sources(config.additional_config)
+    rapid = RapidConfig.of(config)
     assert (rapid.itl_slo_ms, rapid.idle_wait_ms) == (40.0, 7.0)
 
 
@@ -246,3 +246,34 @@ def test_missing_yaml_file(tiny_model, tmp_path, no_rapid_env):
 def test_rapid_section_of_wrong_type(tiny_model, no_rapid_env):
     with pytest.raises(RapidConfigError, match="must be a mapping or a YAML path"):
         rapid_engine_config(tiny_model, {"rapid": 5})
+
+
+# ---- (f) a RAPID subclass by path, and options resolved once -----------------------------------------------------
+
+
+def test_a_rapid_subclass_given_by_class_path_runs_as_rapid(tiny_model, no_rapid_env):
+    """``--scheduler-cls pkg.MyRapidScheduler`` gets the lane worker, the RAPID settings and the metrics."""
+    from vllm_rapid.patch.engine_args import is_rapid
+
+    path = "custom_scheduler.MyRapidScheduler"
+    assert is_rapid(path) and not is_rapid("vllm.v1.core.sched.scheduler.Scheduler") and not is_rapid(None)
+    config = EngineArgs(
+        model=tiny_model, scheduler_cls=path, load_format="dummy", dtype="float32", max_model_len=4096,
+        kv_cache_memory_bytes=64 << 20,
+    ).create_engine_config()
+    assert config.parallel_config.worker_cls == RAPID_WORKER
+    assert config.scheduler_config.async_scheduling is False
+    assert config.additional_config["rapid"] == RapidConfig().as_section()
+
+
+def test_rapid_options_are_resolved_once_into_the_engine_config(tiny_model, monkeypatch, tmp_path):
+    """Other processes (maybe on other nodes) read the options from the config, never the file or the env again."""
+    path = tmp_path / "rapid.yaml"
+    path.write_text("itl_slo_ms: 40\n")
+    monkeypatch.setenv(CONFIG_ENV, str(path))
+    config = rapid_engine_config(tiny_model, {"rapid": {"idle_wait_ms": 7}})
+    path.unlink()
+    monkeypatch.setenv(CONFIG_ENV, str(tmp_path / "not-on-this-node.yaml"))
+    rapid = RapidConfig.of(config)
+    assert (rapid.itl_slo_ms, rapid.idle_wait_ms) == (40.0, 7.0)
+    assert config.additional_config["rapid"] == rapid.as_section()

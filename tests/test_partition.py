@@ -6,13 +6,14 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 import types
 
 import pytest
 import torch
 
 from fake_backend import FakeBackend
-from vllm_rapid.lanes.lane import Lane
+from vllm_rapid.lanes.lane import Lane, LaneName
 from vllm_rapid.lanes.partition import Split, create_partition_backend
 from vllm_rapid.lanes.partition import select
 from vllm_rapid.lanes.partition.cu_mask import (
@@ -25,7 +26,7 @@ from vllm_rapid.lanes.partition.cu_mask import (
     mask_words,
 )
 from vllm_rapid.lanes.partition.base import candidate_units, plan_decode_units, round_units
-from vllm_rapid.lanes.partition.threads import ThreadsBackend
+from vllm_rapid.lanes.partition.threads import CPU_PREFILL_NICENESS, ThreadsBackend
 from vllm_rapid.lanes.partition.green_context import FINE_SM_GRANULARITY, SM_GRANULARITY
 
 H200_SMS = 132
@@ -127,18 +128,35 @@ def test_lane_contexts_refuse_a_split_that_was_not_precreated():
         backend.lane_contexts(Split(48, 84, H200_SMS, False))
 
 
-def test_threads_backend_runs_lanes_on_cpu():
+def test_threads_backend_splits_the_cores_between_the_lanes_teams():
+    """Each split gives each lane's thread an OpenMP team of its units; the full split gives each all cores."""
+    cores = len(os.sched_getaffinity(0))
     backend = ThreadsBackend()
-    assert backend.total_units == os.cpu_count()
-    assert backend.splits() == [Split.full(backend.total_units)]
-    decode, prefill = backend.lane_contexts(backend.full_split())
-    lanes = [Lane("decode", decode), Lane("prefill", prefill)]
+    assert backend.total_units == cores and backend.splits()[-1] == Split.full(cores)
+    assert not backend.full_split_runs_both_lanes
+    if cores >= 2:
+        assert all(s.decode_units + s.prefill_units == cores for s in backend.splits()[:-1])
+    lanes = [Lane(name, thread_init=backend.thread_init(name)) for name in (LaneName.DECODE, LaneName.PREFILL)]
     try:
-        assert [lane.run(lambda x: x + 1, i) for i, lane in enumerate(lanes)] == [1, 2]
+        for split in backend.splits():
+            teams = [lane.submit(torch.get_num_threads, context=context).result()
+                     for lane, context in zip(lanes, backend.lane_contexts(split))]
+            assert teams == [split.decode_units, split.prefill_units], split
     finally:
         for lane in lanes:
             lane.close()
         backend.close()
+
+
+def test_threads_backend_lowers_the_prefill_lanes_priority():
+    backend = ThreadsBackend(cores=2)
+    lanes = [Lane(name, thread_init=backend.thread_init(name)) for name in (LaneName.DECODE, LaneName.PREFILL)]
+    try:
+        nice = [lane.run(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())) for lane in lanes]
+        assert nice[1] - nice[0] == CPU_PREFILL_NICENESS
+    finally:
+        for lane in lanes:
+            lane.close()
 
 
 # --- selection ---
@@ -186,6 +204,28 @@ def test_start_up_failure_falls_back_to_streams_with_one_warning(monkeypatch, ca
     (record,) = caplog.records
     assert "'green_context' failed to start" in record.getMessage()
     assert "No module named 'cuda.bindings'" in record.getMessage() and "'streams'" in record.getMessage()
+
+
+@pytest.mark.parametrize("vendor", ["cuda", "hip"])
+def test_threads_backend_is_refused_on_a_gpu(monkeypatch, vendor):
+    """On a GPU, CPU threads would leave both lanes on one stream (no overlap) and report CPU cores as units."""
+    monkeypatch.setattr(torch.version, "cuda", "12.8" if vendor == "cuda" else None)
+    monkeypatch.setattr(torch.version, "hip", "6.3" if vendor == "hip" else None)
+    with pytest.raises(ValueError, match=r"partition_backend='threads' cannot run on this device"):
+        create_partition_backend("threads", "cuda")
+
+
+def test_an_explicitly_requested_backend_that_fails_fails_the_start_up(monkeypatch):
+    """Only ``auto`` falls back: a backend the user asked for must be the one that runs."""
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.version, "hip", None)
+
+    def fake_create(name, device_index, decode_units):
+        raise RuntimeError(f"{name} is unavailable here")
+
+    monkeypatch.setattr(select, "_create", fake_create)
+    with pytest.raises(RuntimeError, match="green_context is unavailable here"):
+        create_partition_backend("green_context", "cuda")
 
 
 def test_gpu_modules_import_without_their_bindings():

@@ -6,6 +6,7 @@ look at the real scheduler and KV-cache manager; the model runs in a real worker
 
 from __future__ import annotations
 
+import os
 import random
 import time
 
@@ -29,6 +30,7 @@ ENGINE_KWARGS = dict(
 
 def make_llm(model: str, scheduler: str, kv_bytes: int = 64 << 20, max_model_len: int = 4096,
              engine_kwargs: dict | None = None, **rapid_options) -> LLM:
+    rapid_options = {"debug_invariants": True, **rapid_options}  # the scheduler checks its lifecycle every step
     extra = {"additional_config": {"rapid": rapid_options}} if scheduler == "rapid" else {}
     kwargs = ENGINE_KWARGS | {"max_model_len": max_model_len, "max_num_batched_tokens": max_model_len}
     kwargs |= engine_kwargs or {}
@@ -144,12 +146,19 @@ def test_decode_is_not_blocked_by_a_long_prefill(small_model):
         engine.step()
     engine.add_request("long", prompts_of_lengths([2500], seed=2)[0],
                        SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+    split_during_prefill = None
     first_token_seen = False
     while not first_token_seen:
         first_token_seen = any(o.request_id == "long" and o.outputs[0].token_ids for o in engine.step())
+        if split_during_prefill is None and scheduler_of(llm).inflight_prefill is not None:
+            split_during_prefill = llm.collective_rpc("rapid_arm_state")[0]["split"]
     for _ in range(10):
         engine.step()
     events = llm.collective_rpc("rapid_lane_events")[0]
+    # One timer: the decode step time in the stats (metrics, the ARM's observation) is the lane's record of it.
+    last = [e for e in events if e["lane"] == "decode"][-1]
+    assert last["label"] == "decode"
+    assert scheduler_of(llm).lane_stats().step.decode_step_ms == pytest.approx((last["end"] - last["start"]) * 1e3)
     engine.abort_request([f"d{i}" for i in range(4)])
     run_until_idle(llm)
 
@@ -162,6 +171,12 @@ def test_decode_is_not_blocked_by_a_long_prefill(small_model):
     assert not summary.decode_step_spanning_prefill
     # Decode inter-token latency during the prefill stays within 2x of decode alone (same recorded steps).
     assert summary.itl_ratio <= 2.0, summary
+    # The split reported is the one in effect: with both lanes busy the cores are divided between their teams.
+    cores = len(os.sched_getaffinity(0))
+    assert split_during_prefill is not None
+    if cores >= 2:
+        assert not split_during_prefill["full_overlap"], split_during_prefill
+        assert split_during_prefill["decode_units"] + split_during_prefill["prefill_units"] == cores
     assert_idle_and_clean(llm)
     del llm
 
@@ -237,11 +252,11 @@ def test_preemption_under_kv_pressure_loses_nothing(tiny_model, default_llm):
 
 
 def test_arm_state_is_exported(rapid_llm):
-    """On CPU the lanes are threads: both always see the whole machine (the paper's P100-D100)."""
+    """On CPU the lanes are threads: with no prefill running, decode has every core (the paper's P100-D100)."""
     state = rapid_llm.collective_rpc("rapid_arm_state")[0]
     assert state["backend"] == "threads"
-    assert state["split"] == "P100-D100"
-    assert state["reason"]
+    assert state["label"] == "P100-D100" and state["split"]["total_units"] == len(os.sched_getaffinity(0))
+    assert state["reason"] in {"light_load", "no_decode"} and state["detail"]
 
 
 def _fail_after(n: int, max_tokens: int = 12) -> SamplingParams:

@@ -49,7 +49,7 @@ def test_rapid_config_sources(tmp_path, monkeypatch):
     path = tmp_path / "rapid.yaml"
     path.write_text("rapid:\n  itl_slo_ms: 40\n  partition_backend: streams\n")
     monkeypatch.setenv("VLLM_RAPID_CONFIG", str(path))
-    config = RapidConfig.from_sources({"rapid": {"partition_backend": "threads"}})
+    config = RapidConfig.resolve({"rapid": {"partition_backend": "threads"}})
     assert config.itl_slo_ms == 40.0 and config.partition_backend == "threads"  # additional_config wins
 
 
@@ -72,7 +72,7 @@ def test_bad_yaml_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("itl_slo_ms: [unclosed\n")
     with pytest.raises(RapidConfigError, match="not valid YAML"):
-        RapidConfig.from_sources({"rapid": str(bad)})
+        RapidConfig.resolve({"rapid": str(bad)})
     with pytest.raises(RapidConfigError, match="cannot read"):
         RapidConfig.from_yaml(tmp_path / "missing.yaml")
 

@@ -3,6 +3,10 @@
 Sources, later ones overriding earlier ones: defaults, a YAML file named by ``VLLM_RAPID_CONFIG``, and vLLM's
 ``--additional-config '{"rapid": {...}}'`` (a mapping, or a path to a YAML file). Unknown keys and bad values fail
 at start-up with a message that names the key and the accepted values.
+
+The sources are read once, where the engine's config is built (``RapidConfig.resolve``); the resolved options
+replace ``additional_config["rapid"]`` and travel to every process inside the vLLM config (``RapidConfig.of``), so
+no other process reads the environment or a file (which may not exist on another node).
 """
 
 from __future__ import annotations
@@ -51,6 +55,9 @@ class RapidConfig:
     idle_wait_ms: float = 20.0
     # Keep per-lane timestamps of every batch (tests, the demo and benchmarks read them).
     record_lane_events: bool = False
+    # Check the scheduler's request-lifecycle invariants after every step (tests turn it on; costs a pass over the
+    # running requests per step).
+    debug_invariants: bool = False
 
     def __post_init__(self) -> None:
         for name in ("itl_slo_ms", "ttft_slo_ms", "idle_wait_ms"):
@@ -68,6 +75,11 @@ class RapidConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> RapidConfig:
         """Build from a mapping, checking key names and value types."""
+        if values is not None and not isinstance(values, dict):
+            raise RapidConfigError(
+                f"additional_config['{ADDITIONAL_CONFIG_KEY}'] must be a mapping or a YAML path, "
+                f"got {type(values).__name__}"
+            )
         values = dict(values or {})
         types = _field_types()
         unknown = sorted(set(values) - set(types))
@@ -86,7 +98,20 @@ class RapidConfig:
         return cls.from_dict(data)
 
     @classmethod
-    def from_sources(cls, additional_config: dict[str, Any] | None = None) -> RapidConfig:
+    def of(cls, vllm_config: Any) -> RapidConfig:
+        """The options a vLLM config carries (resolved when the engine's config was built; never re-read from the
+        environment here)."""
+        section = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
+        if isinstance(section, (str, os.PathLike)):
+            return cls.from_yaml(section)  # a config built by hand, not through EngineArgs
+        return cls.from_dict(section)
+
+    def as_section(self) -> dict[str, Any]:
+        """The resolved options as ``additional_config["rapid"]``."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def resolve(cls, additional_config: dict[str, Any] | None = None) -> RapidConfig:
         """Merge the env-named YAML file and vLLM's additional_config (the latter wins key by key)."""
         merged: dict[str, Any] = {}
         if env_path := os.environ.get(CONFIG_ENV):

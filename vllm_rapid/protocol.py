@@ -13,19 +13,23 @@ from dataclasses import dataclass
 from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
 from vllm.v1.outputs import ModelRunnerOutput
 
+from vllm_rapid.lanes.arm import ArmInputs, DecodeObservation
+from vllm_rapid.lanes.partition.base import Split
+
 
 @dataclass(frozen=True)
 class ArmState:
     """The split the lanes run on and why: what logs, tests and metrics see of the ARM."""
 
     backend: str
-    split: str
-    decode_units: int
-    prefill_units: int
-    total_units: int
-    reason_kind: str
-    reason: str
+    split: Split
+    reason: str  # an ArmReason value
+    detail: str
     predicted_decode_ms: float | None
+
+    @property
+    def label(self) -> str:
+        return self.split.label
 
 
 @dataclass
@@ -60,9 +64,10 @@ class RapidSchedulerOutput(SchedulerOutput):
 
     grammar: GrammarOutput | None = None
     prefill: PrefillLaunch | None = None
-    # What the ARM decides from: the decode batch's mean context and how long the oldest prefill has waited.
-    mean_decode_context_len: float = 0.0
-    oldest_prefill_wait_ms: float = 0.0
+    # What every rank's ARM decides this step from, and the last decode step the output rank measured: the same
+    # values on every tensor-parallel rank, so every rank runs the same split.
+    arm_inputs: ArmInputs = ArmInputs(0, 0.0, 0.0, False)
+    decode_observation: DecodeObservation | None = None
     # The last prefill batch whose result the scheduler has processed (from the output rank). With tensor
     # parallelism, a rank whose prefill lane finished that batch later than the output rank's waits for it here.
     last_completed_prefill: int = -1
@@ -78,7 +83,7 @@ class RapidModelRunnerOutput(ModelRunnerOutput):
     the scheduler's stats report of the lanes (the decode step's time, the ARM's split)."""
 
     finished_prefill: PrefillResult | None = None
-    decode_step_ms: float | None = None
+    decode_step_ms: float | None = None  # the decode lane's time for this step's batch (None: no decode work)
     arm_state: ArmState | None = None
     # The decode batch raised: its requests fail (the inherited fields are then empty).
     decode_error: str | None = None

@@ -5,15 +5,28 @@ lane is free, one prefill batch that then runs across as many engine steps as it
 vLLM's own ``Scheduler.schedule`` run once per lane over that lane's requests, so budgets, prefix caching,
 preemption, priorities and structured output keep vLLM's semantics.
 
+A request's life (``check_invariants`` verifies the table after every step when ``rapid.debug_invariants`` is on):
+
+============================  ==================================================  ==========================
+state                         where the scheduler holds it                        its KV blocks
+============================  ==================================================  ==========================
+waiting                       ``waiting`` / ``kv_holding_waiting``                none (or a prefix hit)
+prefill queued                ``running``, >1 token pending, not in the batch     allocated
+prefill in flight (batch b)   ``running``, in ``inflight_prefill.req_ids``        being written by the lane
+decoding                      ``running``, 1 token pending (the decode lane)      allocated
+finished                      gone from ``requests``                              freed; fenced while in b
+preempted                     back to ``waiting``                                 freed; fenced while in b
+============================  ==================================================  ==========================
+
 Three hazards that a single stream hides are fenced here:
 
 * prefix-cache commits: vLLM publishes full blocks to the prefix cache when it schedules them, before any lane has
   written them. A request admitted while another lane is still writing those blocks would read garbage. Blocks are
   published only once their KV is written (decode: at the next step; prefill: when the batch completes).
 * freed blocks: a request aborted or preempted while its prefill is in flight keeps its blocks until the batch
-  completes, so no other request can be handed a block the prefill lane is still writing.
+  completes (``fenced_frees``), so no other request can be handed a block the prefill lane is still writing.
 * the first token: it is sampled by the prefill lane; the worker moves the request's runner state to the decode lane
-  (see ``worker.LaneStates``) and the decode batch starts from it.
+  (``vllm_rapid.worker.lane_states.LaneStates``) and the decode batch starts from it.
 
 A lane batch that raised comes back as an error (``PrefillResult.error``, ``RapidModelRunnerOutput.decode_error``):
 its requests finish with ``FINISHED_ERROR`` and free their blocks; every other request carries on.
@@ -22,7 +35,6 @@ its requests finish with ``FINISHED_ERROR`` and free their blocks; every other r
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,9 +47,15 @@ from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 
 from vllm_rapid.config import RapidConfig
-from vllm_rapid.protocol import PrefillLaunch, PrefillResult, RapidSchedulerOutput
-from vllm_rapid.metrics.lane_stats import LaneStats
+from vllm_rapid.lanes.arm import ArmInputs, DecodeObservation
+from vllm_rapid.lanes.lane import LaneName
+from vllm_rapid.metrics.lane_stats import LaneStats, StepStats
+from vllm_rapid.patch.internals import require_vllm_internals
+from vllm_rapid.patch.kv_publication import defer_prefix_cache_publication
+from vllm_rapid.patch.registry import Stage
 from vllm_rapid.patch.scheduler_stats import has_plugin_stats
+from vllm_rapid.patch.versions import require_supported_vllm
+from vllm_rapid.protocol import PrefillLaunch, PrefillResult, RapidModelRunnerOutput, RapidSchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +74,10 @@ class RapidScheduler(Scheduler):
     """Dual-queue scheduler: decode every step, prefill on its own lane whenever that lane is free."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        require_supported_vllm()
+        require_vllm_internals(Stage.ENGINE_CORE)
         super().__init__(*args, **kwargs)
-        self.rapid_config = RapidConfig.from_sources(self.vllm_config.additional_config)
+        self.rapid_config = RapidConfig.of(self.vllm_config)
         max_tokens = self.scheduler_config.max_num_batched_tokens
         chunk = self.rapid_config.prefill_chunk_tokens
         chunking = self.scheduler_config.enable_chunked_prefill
@@ -66,11 +86,13 @@ class RapidScheduler(Scheduler):
         self._next_batch_id = 0
         self._last_completed_prefill = -1
         # vLLM tracks "scheduled in the previous step" per runner; each lane has its own runner.
-        self._prev_ids_by_lane: dict[str, set[str]] = {"decode": set(), "prefill": set()}
+        self._prev_ids_by_lane: dict[LaneName, set[str]] = {LaneName.DECODE: set(), LaneName.PREFILL: set()}
         self._suppress_stats = False
-        # What this step's stats report of the lanes, filled in while its outputs are processed.
-        self._step_stats: dict[str, Any] = {}
-        self._publish_blocks_when_written()
+        # What the current step's outputs say of the lanes, filled in while they are processed.
+        self._step_stats = StepStats()
+        # The last decode step the output rank measured, shipped to every rank's ARM with the next step.
+        self._decode_observation: DecodeObservation | None = None
+        defer_prefix_cache_publication(self.kv_cache_manager)
         logger.info(
             "RAPID scheduler: decode every step, prefill batches of up to %d tokens on their own lane (%s)",
             self.prefill_token_budget,
@@ -81,20 +103,27 @@ class RapidScheduler(Scheduler):
 
     def schedule(self, throttle_prefills: bool = False) -> RapidSchedulerOutput:
         self._publish_written_blocks()
-        decode = self._schedule_lane("decode", throttle_prefills)
+        decode = self._schedule_lane(LaneName.DECODE, throttle_prefills)
         launch = None
         if self.inflight_prefill is None and self._has_prefill_work():
-            prefill = self._schedule_lane("prefill", throttle_prefills)
+            prefill = self._schedule_lane(LaneName.PREFILL, throttle_prefills)
             if prefill.total_num_scheduled_tokens > 0:
                 launch = self._launch_prefill(prefill)
-        return RapidSchedulerOutput.wrap(
+        step = RapidSchedulerOutput.wrap(
             decode,
             grammar=super().get_grammar_bitmask(decode),
             prefill=launch,
-            mean_decode_context_len=self._mean_context_len(decode),
-            oldest_prefill_wait_ms=self._oldest_prefill_wait_ms(),
+            arm_inputs=ArmInputs.of(
+                [self.requests[i].num_computed_tokens for i in decode.num_scheduled_tokens],
+                [r.arrival_time for r in self._pending_prefills()],
+                prefill_inflight=self.inflight_prefill is not None,
+            ),
+            decode_observation=self._take_decode_observation(),
             last_completed_prefill=self._last_completed_prefill,
         )
+        if self.rapid_config.debug_invariants:
+            self.check_invariants(step)
+        return step
 
     def get_grammar_bitmask(self, scheduler_output: SchedulerOutput):
         if isinstance(scheduler_output, RapidSchedulerOutput):
@@ -103,7 +132,7 @@ class RapidScheduler(Scheduler):
 
     def in_prefill_lane(self, request: Request) -> bool:
         """A request belongs to the prefill lane while its batch is in flight or more than one token is pending."""
-        if self.inflight_prefill is not None and request.request_id in self.inflight_prefill.req_ids:
+        if self._is_inflight(request):
             return True
         pending = request.num_tokens_with_spec + request.num_output_placeholders - request.num_computed_tokens
         return pending > 1
@@ -111,10 +140,10 @@ class RapidScheduler(Scheduler):
     def _has_prefill_work(self) -> bool:
         return bool(self.waiting or self.kv_holding_waiting) or any(map(self.in_prefill_lane, self.running))
 
-    def _schedule_lane(self, lane: str, throttle_prefills: bool) -> SchedulerOutput:
+    def _schedule_lane(self, lane: LaneName, throttle_prefills: bool) -> SchedulerOutput:
         """Run vLLM's scheduling pass over one lane's requests only, then restore the shared queues."""
         all_running = self.running
-        is_decode = lane == "decode"
+        is_decode = lane == LaneName.DECODE
         lane_reqs: list[Request] = []
         others: list[Request] = []
         for request in all_running:
@@ -143,19 +172,10 @@ class RapidScheduler(Scheduler):
             ]
         return output
 
-    def _mean_context_len(self, decode: SchedulerOutput) -> float:
-        ids = decode.num_scheduled_tokens
-        return sum(self.requests[i].num_computed_tokens for i in ids) / len(ids) if ids else 0.0
-
     def _pending_prefills(self) -> list[Request]:
         """Requests waiting for (the rest of) their prefill and not in the batch in flight."""
         running = [r for r in self.running if self.in_prefill_lane(r) and not self._is_inflight(r)]
         return [*self.waiting, *self.kv_holding_waiting, *running]
-
-    def _oldest_prefill_wait_ms(self) -> float:
-        """How long the oldest request still waiting for (the rest of) its prefill has waited."""
-        pending = [r.arrival_time for r in self._pending_prefills()]
-        return max(0.0, (time.time() - min(pending)) * 1000) if pending else 0.0
 
     def _launch_prefill(self, prefill: SchedulerOutput) -> PrefillLaunch:
         batch_id = self._next_batch_id
@@ -167,27 +187,58 @@ class RapidScheduler(Scheduler):
     def _is_inflight(self, request: Request) -> bool:
         return self.inflight_prefill is not None and request.request_id in self.inflight_prefill.req_ids
 
+    def check_invariants(self, step: RapidSchedulerOutput) -> None:
+        """The lifecycle table above, after ``step`` was scheduled (raises AssertionError naming the breach)."""
+        running_ids = [r.request_id for r in self.running]
+        assert len(running_ids) == len(set(running_ids)), f"a request is running twice: {sorted(running_ids)}"
+        waiting_ids = {r.request_id for r in (*self.waiting, *self.kv_holding_waiting)}
+        assert not waiting_ids & set(running_ids), f"running and waiting at once: {waiting_ids & set(running_ids)}"
+        decoding = set(step.num_scheduled_tokens)
+        assert decoding <= set(running_ids), f"decode batch has requests not running: {decoding - set(running_ids)}"
+        for req_id in decoding:
+            assert not self.in_prefill_lane(self.requests[req_id]), f"{req_id} decodes while in the prefill lane"
+        batch = self.inflight_prefill
+        if batch is None:
+            return
+        assert not decoding & batch.req_ids, f"in the decode batch and the prefill batch: {decoding & batch.req_ids}"
+        fenced = {r.request_id for r in batch.fenced_frees}
+        assert fenced <= batch.req_ids, f"fenced frees of requests not in batch {batch.batch_id}: {fenced}"
+
     # ---- results ----------------------------------------------------------------------------------------------
 
     def update_from_output(
         self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
     ) -> dict[int, EngineCoreOutputs]:
+        if not isinstance(model_runner_output, RapidModelRunnerOutput):
+            return super().update_from_output(scheduler_output, model_runner_output)
         prefill_outputs: dict[int, EngineCoreOutputs] = {}
-        self._step_stats = {
-            "decode_batch_reqs": len(scheduler_output.num_scheduled_tokens),
-            "decode_step_ms": getattr(model_runner_output, "decode_step_ms", None),
-            "arm": getattr(model_runner_output, "arm_state", None),
-            "failed_reqs": 0,
-        }
-        finished = getattr(model_runner_output, "finished_prefill", None)
-        if finished is not None:
-            prefill_outputs = self._complete_prefill(finished)
-        if (decode_error := getattr(model_runner_output, "decode_error", None)) is not None:
+        self._step_stats = StepStats(
+            decode_batch_reqs=len(scheduler_output.num_scheduled_tokens),
+            decode_step_ms=model_runner_output.decode_step_ms,
+            arm=model_runner_output.arm_state,
+        )
+        self._remember_decode_step(scheduler_output, model_runner_output)
+        if model_runner_output.finished_prefill is not None:
+            prefill_outputs = self._complete_prefill(model_runner_output.finished_prefill)
+        if (decode_error := model_runner_output.decode_error) is not None:
             # Failed first, so vLLM's update below skips them as finished.
             failed = self._fail_requests(scheduler_output.num_scheduled_tokens, decode_error)
             prefill_outputs = _merge_outputs(prefill_outputs, failed)
         decode_outputs = super().update_from_output(scheduler_output, model_runner_output)
         return _merge_outputs(prefill_outputs, decode_outputs)
+
+    def _remember_decode_step(self, step: SchedulerOutput, output: RapidModelRunnerOutput) -> None:
+        """Keep the decode step the output rank measured, for every rank's ARM at the next step."""
+        if output.decode_step_ms is None or output.arm_state is None or not isinstance(step, RapidSchedulerOutput):
+            return
+        inputs = step.arm_inputs
+        self._decode_observation = DecodeObservation(
+            output.arm_state.split, inputs.decode_batch_size, round(inputs.mean_context_len), output.decode_step_ms
+        )
+
+    def _take_decode_observation(self) -> DecodeObservation | None:
+        observation, self._decode_observation = self._decode_observation, None  # each one is observed once
+        return observation
 
     def _complete_prefill(self, result: PrefillResult) -> dict[int, EngineCoreOutputs]:
         batch = self.inflight_prefill
@@ -197,13 +248,12 @@ class RapidScheduler(Scheduler):
                 f"{None if batch is None else batch.batch_id} is in flight"
             )
         self._last_completed_prefill = batch.batch_id
-        if result.error is not None:
+        if result.error is not None or result.output is None:
             self._release(batch)  # before failing its requests, so their blocks are freed at once
-            return self._fail_requests(batch.req_ids, result.error)
-        self._step_stats.update(
-            prefill_batch_ms=result.elapsed_ms, prefill_batch_tokens=batch.scheduler_output.total_num_scheduled_tokens
-        )
-        self._suppress_stats = True  # one stats record per engine step: the decode update makes it
+            return self._fail_requests(batch.req_ids, result.error or "the prefill batch returned no output")
+        self._step_stats.prefill_batch_ms = result.elapsed_ms
+        self._step_stats.prefill_batch_tokens = batch.scheduler_output.total_num_scheduled_tokens
+        self._suppress_stats = True  # registry: one-stats-record-per-step (the decode update makes it)
         try:
             outputs = super().update_from_output(batch.scheduler_output, result.output)
         finally:
@@ -226,7 +276,7 @@ class RapidScheduler(Scheduler):
         failed = self.finish_requests(req_ids, RequestStatus.FINISHED_ERROR)
         if failed:
             logger.error("RAPID: failing request(s) %s: %s", sorted(r.request_id for r in failed), error)
-        self._step_stats["failed_reqs"] += len(failed)
+        self._step_stats.failed_reqs += len(failed)
         outputs: dict[int, EngineCoreOutputs] = {}
         for request in failed:
             outputs.setdefault(request.client_index, EngineCoreOutputs()).outputs.append(
@@ -245,30 +295,20 @@ class RapidScheduler(Scheduler):
             return None
         stats = super().make_stats(*args, **kwargs)
         if stats is not None and has_plugin_stats(type(stats)):
-            stats.plugin_stats = self._lane_stats().to_plugin_stats()
+            stats.plugin_stats = self.lane_stats().to_plugin_stats()
         return stats
 
-    def _lane_stats(self) -> LaneStats:
+    def lane_stats(self) -> LaneStats:
+        """The lanes now: queues, the batch in flight, and what the last step's outputs said."""
         inflight = self.inflight_prefill
         return LaneStats(
             prefill_queue_reqs=len(self._pending_prefills()),
             prefill_inflight_reqs=len(inflight.req_ids) if inflight else 0,
             prefill_inflight_tokens=inflight.scheduler_output.total_num_scheduled_tokens if inflight else 0,
-            **self._step_stats,
+            step=self._step_stats,
         )
 
     # ---- KV fences --------------------------------------------------------------------------------------------
-
-    def _publish_blocks_when_written(self) -> None:
-        """Make every allocation defer prefix-cache publication; ``_publish_written_blocks`` publishes later."""
-        manager = self.kv_cache_manager
-        allocate_slots = manager.allocate_slots
-
-        def allocate_slots_unpublished(*args: Any, **kwargs: Any):
-            kwargs["delay_cache_blocks"] = True
-            return allocate_slots(*args, **kwargs)
-
-        manager.allocate_slots = allocate_slots_unpublished
 
     def _publish_written_blocks(self) -> None:
         """Publish the blocks whose KV the lanes have written: every computed token of a request not in flight."""
@@ -277,8 +317,7 @@ class RapidScheduler(Scheduler):
                 self.kv_cache_manager.cache_blocks(request, request.num_computed_tokens)
 
     def _free_request_blocks(self, request: Request) -> None:
-        if self._is_inflight(request):
-            assert self.inflight_prefill is not None
+        if self.inflight_prefill is not None and self._is_inflight(request):
             self.inflight_prefill.fenced_frees.append(request)  # the prefill lane may still write them
             return
         super()._free_request_blocks(request)

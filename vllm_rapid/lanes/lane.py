@@ -4,15 +4,19 @@ Independent of vLLM on purpose, so partition backends and benchmarks reuse it. O
 concurrency (torch CPU kernels release the GIL); on a GPU each lane also enters its own stream context (a
 green-context stream, a CU-masked stream, or a plain stream), chosen per submission so the ARM can move a lane
 between partitions from one step to the next.
+
+A lane times each submission itself, from the moment its thread starts it to the moment it ends: that one
+``LaneEvent`` is a lane step's time everywhere (metrics, the ARM's observations, recorded events).
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import queue
-from collections import deque
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -20,6 +24,16 @@ from typing import Any, ContextManager
 
 ContextFactory = Callable[[], ContextManager[Any]]
 MAX_RECORDED_EVENTS = 100_000
+
+
+class LaneName(str, enum.Enum):
+    """The two lanes (also their label in metrics and records)."""
+
+    DECODE = "decode"
+    PREFILL = "prefill"
+
+    def __str__(self) -> str:  # the value, as in labels and f-strings (StrEnum needs Python 3.11)
+        return self.value
 
 
 @dataclass(frozen=True)
@@ -31,6 +45,16 @@ class LaneEvent:
     start: float
     end: float
     num_tokens: int = 0
+
+    @property
+    def elapsed_ms(self) -> float:
+        return (self.end - self.start) * 1e3
+
+
+class LaneFuture(Future):
+    """A submission's result, and its ``event``: when the lane's thread ran it (set before the result)."""
+
+    event: LaneEvent | None = None
 
 
 class Lane:
@@ -60,9 +84,9 @@ class Lane:
         num_tokens: int = 0,
         context: ContextFactory | None = None,
         **kwargs: Any,
-    ) -> Future:
+    ) -> LaneFuture:
         """Queue ``fn(*args, **kwargs)`` to run on this lane; the future holds its result or exception."""
-        future: Future = Future()
+        future = LaneFuture()
         self._queue.put((future, fn, args, kwargs, label, num_tokens, context or self._default_context))
         return future
 
@@ -87,12 +111,13 @@ class Lane:
                 with context():
                     result = fn(*args, **kwargs)
             except BaseException as exc:  # handed to the waiter, never lost in the thread
-                self._record(label, start, num_tokens)
+                self._finish(future, label, start, num_tokens)
                 future.set_exception(exc)
                 continue
-            self._record(label, start, num_tokens)
+            self._finish(future, label, start, num_tokens)
             future.set_result(result)
 
-    def _record(self, label: str, start: float, num_tokens: int) -> None:
+    def _finish(self, future: LaneFuture, label: str, start: float, num_tokens: int) -> None:
+        future.event = LaneEvent(self.name, label, start, time.monotonic(), num_tokens)
         if self.events is not None:
-            self.events.append(LaneEvent(self.name, label, start, time.monotonic(), num_tokens))
+            self.events.append(future.event)

@@ -1,6 +1,6 @@
 """RAPID's Prometheus metrics on vLLM's ``/metrics``: a ``vllm.stat_logger_plugins`` logger in the API server.
 
-It reads the lane stats the scheduler sends each step (``stats.LaneStats``) and vLLM's own per-iteration latencies,
+It reads the lane stats the scheduler sends each step (``lane_stats.LaneStats``) and vLLM's own per-iteration latencies,
 and exports (labels ``model_name`` and ``engine``, as vLLM's metrics):
 
 * queue depths: requests waiting for prefill, in the decode batch, in the running prefill batch (and its tokens);
@@ -24,12 +24,12 @@ from vllm.v1.engine import FinishReason
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from vllm_rapid.lanes.arm import ArmReason
+from vllm_rapid.lanes.lane import LaneName
 from vllm_rapid.config import RapidConfig
 from vllm_rapid.patch.engine_args import is_rapid
 from vllm_rapid.metrics.lane_stats import LaneStats
 
 LABELS = ("model_name", "engine")
-LANES = ("decode", "prefill")
 STEP_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 COMPLETED = (FinishReason.STOP, FinishReason.LENGTH)
 
@@ -87,16 +87,16 @@ class RapidStatLogger(StatLoggerBase):
         self.enabled = is_rapid(vllm_config.scheduler_config.scheduler_cls)
         if not self.enabled:
             return
-        config = RapidConfig.from_sources(vllm_config.additional_config)
+        config = RapidConfig.of(vllm_config)
         self.ttft_slo_s, self.itl_slo_s = config.ttft_slo_ms / 1000, config.itl_slo_ms / 1000
         labels = (vllm_config.model_config.served_model_name, str(engine_index))
         m = _shared_families()
         self.prefill_queue, self.decode_batch = m.prefill_queue.labels(*labels), m.decode_batch.labels(*labels)
         self.inflight_reqs, self.inflight_tokens = m.inflight_reqs.labels(*labels), m.inflight_tokens.labels(*labels)
-        self.units = {lane: m.units.labels(*labels, lane) for lane in LANES}
+        self.units = {lane: m.units.labels(*labels, lane.value) for lane in LaneName}
         self.total_units, self.decode_share = m.total_units.labels(*labels), m.decode_share.labels(*labels)
         self.arm_reason = {r.value: m.arm_reason.labels(*labels, r.value) for r in ArmReason}
-        self.step_seconds = {lane: m.step_seconds.labels(*labels, lane) for lane in LANES}
+        self.step_seconds = {lane: m.step_seconds.labels(*labels, lane.value) for lane in LaneName}
         self.ttft = {r: m.ttft.labels(*labels, r) for r in ("met", "missed")}
         self.itl = {r: m.itl.labels(*labels, r) for r in ("met", "missed")}
         self.goodput = {r: m.goodput.labels(*labels, r) for r in ("met", "missed")}
@@ -114,23 +114,25 @@ class RapidStatLogger(StatLoggerBase):
             self._record_slos(iteration_stats)
 
     def _record_lanes(self, lanes: LaneStats) -> None:
+        step = lanes.step
         self.prefill_queue.set(lanes.prefill_queue_reqs)
-        self.decode_batch.set(lanes.decode_batch_reqs)
+        self.decode_batch.set(step.decode_batch_reqs)
         self.inflight_reqs.set(lanes.prefill_inflight_reqs)
         self.inflight_tokens.set(lanes.prefill_inflight_tokens)
-        if lanes.decode_step_ms is not None:
-            self.step_seconds["decode"].observe(lanes.decode_step_ms / 1000)
-        if lanes.prefill_batch_ms is not None:
-            self.step_seconds["prefill"].observe(lanes.prefill_batch_ms / 1000)
-        if lanes.failed_reqs:
-            self.failed.inc(lanes.failed_reqs)
-        if (arm := lanes.arm) is not None:
-            self.units["decode"].set(arm.decode_units)
-            self.units["prefill"].set(arm.prefill_units)
-            self.total_units.set(arm.total_units)
-            self.decode_share.set(arm.decode_units / arm.total_units)
+        if step.decode_step_ms is not None:
+            self.step_seconds[LaneName.DECODE].observe(step.decode_step_ms / 1000)
+        if step.prefill_batch_ms is not None:
+            self.step_seconds[LaneName.PREFILL].observe(step.prefill_batch_ms / 1000)
+        if step.failed_reqs:
+            self.failed.inc(step.failed_reqs)
+        if (arm := step.arm) is not None:
+            split = arm.split
+            self.units[LaneName.DECODE].set(split.decode_units)
+            self.units[LaneName.PREFILL].set(split.prefill_units)
+            self.total_units.set(split.total_units)
+            self.decode_share.set(split.decode_units / split.total_units)
             for reason, gauge in self.arm_reason.items():
-                gauge.set(1 if reason == arm.reason_kind else 0)
+                gauge.set(1 if reason == arm.reason else 0)
 
     def _record_slos(self, iteration: Any) -> None:
         for ttft in iteration.time_to_first_tokens_iter:

@@ -6,8 +6,9 @@ vLLM has ``scheduler_cls`` (a class path); users want a name. Three narrow patch
   the package's start-up hook applies these patches as soon as vLLM's arg_utils is imported);
 * ``add_cli_args`` adds the exact option ``--scheduler`` (today only a prefix of ``--scheduler-cls``), which vLLM's
   ``--config`` YAML loader turns ``scheduler: rapid`` into;
-* ``create_engine_config`` completes a RAPID configuration: the lane worker, synchronous engine steps, the V1 model
-  runner, and a clear error for each feature the lanes do not support yet.
+* ``create_engine_config`` completes a RAPID configuration: the version gate, the RAPID options resolved once, the
+  lane worker, synchronous engine steps, the V1 model runner, and a clear error for each feature the lanes do not
+  support yet.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ import functools
 import os
 from types import ModuleType
 from typing import Any
+
+from vllm_rapid.config import ADDITIONAL_CONFIG_KEY, RapidConfig
+from vllm_rapid.patch.internals import require_vllm_internals
+from vllm_rapid.patch.registry import Stage
+from vllm_rapid.patch.versions import require_supported_vllm
 
 SCHEDULERS: dict[str, str | None] = {
     "default": None,
@@ -39,9 +45,17 @@ def resolve_scheduler(name: str) -> str | None:
 
 
 def is_rapid(scheduler_cls: Any) -> bool:
-    """True for the rapid scheduler given by name-resolved path or as a class (a subclass counts)."""
-    if scheduler_cls is None or isinstance(scheduler_cls, str):
-        return scheduler_cls == RAPID_SCHEDULER
+    """True for the rapid scheduler, given as a class or a class path (a subclass of it counts, either way)."""
+    if scheduler_cls is None:
+        return False
+    if isinstance(scheduler_cls, str):
+        if scheduler_cls == RAPID_SCHEDULER:
+            return True
+        if "." not in scheduler_cls:
+            return False
+        from vllm.utils.import_utils import resolve_obj_by_qualname
+
+        scheduler_cls = resolve_obj_by_qualname(scheduler_cls)  # vLLM imports it the same way in the engine core
     from vllm_rapid.core.scheduler import RapidScheduler
 
     return isinstance(scheduler_cls, type) and issubclass(scheduler_cls, RapidScheduler)
@@ -104,7 +118,10 @@ def _complete_rapid_config(create_engine_config):
     def create_engine_config_with_rapid(self, *args: Any, **kwargs: Any):
         if not is_rapid(self.scheduler_cls):
             return create_engine_config(self, *args, **kwargs)
-        _prepare_rapid_args(self)
+        require_supported_vllm()
+        require_vllm_internals(Stage.ENGINE_ARGS)
+        rapid = RapidConfig.resolve(self.additional_config)  # bad RAPID options fail here, before any process
+        prepare_rapid_engine(self, rapid)
         config = create_engine_config(self, *args, **kwargs)
         check_rapid_config(config)
         return config
@@ -112,8 +129,12 @@ def _complete_rapid_config(create_engine_config):
     return create_engine_config_with_rapid
 
 
-def _prepare_rapid_args(engine_args: Any) -> None:
-    """Settings RAPID needs before vLLM derives the rest of its configuration from them."""
+def prepare_rapid_engine(engine_args: Any, rapid: RapidConfig) -> None:
+    """Settings RAPID needs before vLLM derives the rest of its configuration from them, and the RAPID options
+    resolved once, for every process (``RapidConfig.of``)."""
+    additional = dict(engine_args.additional_config or {})
+    additional[ADDITIONAL_CONFIG_KEY] = rapid.as_section()
+    engine_args.additional_config = additional
     if engine_args.worker_cls not in ("auto", RAPID_WORKER):
         raise ValueError(
             f"--scheduler rapid runs its own worker ({RAPID_WORKER}); it cannot be combined with "
@@ -124,8 +145,23 @@ def _prepare_rapid_args(engine_args: Any) -> None:
         raise ValueError("--scheduler rapid overlaps prefill and decode itself; drop --async-scheduling")
     engine_args.async_scheduling = False  # the prefill lane is the overlap; engine steps stay synchronous
     _unbind_cpu_omp_threads()
-    if os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("0", "false", "False"):
+    if _env_default("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("0", "false", "False"):
         raise ValueError("--scheduler rapid needs vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER")
+
+
+def _env_default(name: str, value: str) -> str:
+    """Set an environment default for this process and the engine processes it starts; returns the value in force.
+
+    vLLM caches its environment variables once an engine has started in this process (``vllm.envs``); an engine
+    started before this one (another ``LLM`` in the same program) would leave the cache holding the old value, so
+    the cache is reset: vLLM fills it again when this engine starts.
+    """
+    import vllm.envs as envs
+
+    current = os.environ.setdefault(name, value)
+    if envs._is_envs_cache_enabled() and getattr(envs, name) != current:
+        envs.disable_envs_cache()
+    return current
 
 
 def _unbind_cpu_omp_threads() -> None:
@@ -135,7 +171,7 @@ def _unbind_cpu_omp_threads() -> None:
 
     if not current_platform.is_cpu():
         return
-    bind = os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    bind = _env_default("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     if bind != "nobind":
         raise ValueError(
             f"--scheduler rapid on CPU runs two OpenMP lanes and needs VLLM_CPU_OMP_THREADS_BIND=nobind, got {bind!r}"
@@ -144,9 +180,6 @@ def _unbind_cpu_omp_threads() -> None:
 
 def check_rapid_config(config: Any) -> None:
     """Refuse, with a clear message, configurations the lanes do not support yet."""
-    from vllm_rapid.config import RapidConfig
-
-    RapidConfig.from_sources(config.additional_config)  # bad RAPID options fail here, before any process starts
     parallel = config.parallel_config
     unsupported = {
         "pipeline parallelism (--pipeline-parallel-size > 1)": parallel.pipeline_parallel_size > 1,

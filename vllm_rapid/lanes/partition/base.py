@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from vllm_rapid.lanes.lane import ContextFactory
@@ -79,6 +79,9 @@ class PartitionBackend(ABC):
     """
 
     name: str
+    # Both lanes may run at once on the full split (streams on a GPU share its SMs); False where they would
+    # oversubscribe the units (CPU threads), so the ARM gives overlapping lanes a partition instead.
+    full_split_runs_both_lanes: bool = True
 
     def __init__(self, total_units: int) -> None:
         self._total_units = total_units
@@ -118,6 +121,10 @@ class PartitionBackend(ABC):
             raise ValueError(
                 f"{self.name}: split {split} was not pre-created; choose one of {self.splits()}"
             ) from None
+
+    def thread_init(self, lane: str) -> Callable[[], None] | None:
+        """What a lane's thread runs once when it starts (None: nothing)."""
+        return None
 
     @abstractmethod
     def close(self) -> None:

@@ -1,8 +1,9 @@
 """Pick the partition backend for this device, honouring RapidConfig.partition_backend.
 
-An explicitly requested backend that cannot exist on this kind of device is a configuration error. A backend that
-should work but fails at start-up (missing bindings, old driver, unsupported GPU) degrades to plain streams on a
-GPU, threads on CPU, with one warning that says what was tried and why it failed.
+An explicitly requested backend must be the one that runs: one that cannot exist on this kind of device is a
+configuration error, and one that fails at start-up fails the start-up. Only ``auto`` degrades: when the device's
+preferred backend fails (missing bindings, old driver, unsupported GPU) it falls back to plain streams, with one
+warning that says what was tried and why it failed.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ logger = logging.getLogger(__name__)
 DEVICE_KINDS = ("cuda", "cpu")
 # The backends each vendor can run, the preferred one first.
 _BACKENDS_BY_VENDOR = {
-    "nvidia": ("green_context", "streams", "threads"),
-    "amd": ("cu_mask", "streams", "threads"),
+    "nvidia": ("green_context", "streams"),
+    "amd": ("cu_mask", "streams"),
     "cpu": ("threads",),
 }
 
@@ -51,24 +52,24 @@ def create_partition_backend(
     """
     vendor = gpu_vendor(device_kind)
     allowed = _BACKENDS_BY_VENDOR[vendor]
-    if name == "auto":
-        name = allowed[0]
-    elif name not in allowed:
-        raise ValueError(
-            f"rapid.partition_backend={name!r} cannot run on this device ({vendor}); "
-            f"choose one of {['auto', *allowed]}"
-        )
-    try:
+    if name != "auto":
+        if name not in allowed:
+            raise ValueError(
+                f"rapid.partition_backend={name!r} cannot run on this device ({vendor}); "
+                f"choose one of {['auto', *allowed]}"
+            )
         return _create(name, device_index, decode_units)
-    except Exception as exc:  # any start-up failure degrades; the warning keeps the cause
-        fallback = "threads" if vendor == "cpu" else "streams"
-        if name == fallback:
+    preferred, *fallbacks = allowed
+    try:
+        return _create(preferred, device_index, decode_units)
+    except Exception as exc:  # auto: a start-up failure degrades; the warning keeps the cause
+        if not fallbacks:
             raise
         logger.warning(
             "partition backend %r failed to start (%s: %s); falling back to %r (no spatial partitioning)",
-            name, type(exc).__name__, exc, fallback,
+            preferred, type(exc).__name__, exc, fallbacks[0],
         )
-        return _create(fallback, device_index, decode_units)
+        return _create(fallbacks[0], device_index, decode_units)
 
 
 def _create(name: str, device_index: int, decode_units: Sequence[int] | None) -> PartitionBackend:
@@ -86,4 +87,4 @@ def _create(name: str, device_index: int, decode_units: Sequence[int] | None) ->
         return StreamsBackend(device_index)
     from vllm_rapid.lanes.partition.threads import ThreadsBackend
 
-    return ThreadsBackend()
+    return ThreadsBackend(decode_units=decode_units)

@@ -1,0 +1,128 @@
+"""The vLLM internals RAPID relies on, checked at start-up so that a vLLM that moved them fails with one clear
+message before serving, never mid-serve.
+
+RapidScheduler subclasses vLLM's Scheduler and RapidWorker the platform's worker; they override and call methods
+that are not public API. Each entry below names one, with the parameters RAPID passes, the instance attributes it
+reads, or the calls inside it that RAPID's override relies on. ``tests/test_vllm_internals.py`` runs every check
+against the installed vLLM; the engine core and the worker run theirs when they start.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from vllm_rapid.patch.registry import Stage
+from vllm_rapid.patch.versions import UnsupportedVllmError
+
+
+@dataclass(frozen=True)
+class Internal:
+    """One thing RAPID uses: ``owner`` ("module:Class" or "module:function") and optionally one of its methods."""
+
+    stage: Stage
+    owner: str
+    method: str | None = None
+    params: tuple[str, ...] = ()  # parameters the signature must have (RAPID passes them by name)
+    assigns: tuple[str, ...] = ()  # instance attributes the class's code must assign (RAPID reads or swaps them)
+    uses: tuple[str, ...] = ()  # names the method's code must use (behaviour RAPID's override relies on)
+
+    @property
+    def label(self) -> str:
+        return self.owner + (f".{self.method}" if self.method else "")
+
+
+_SCHED = "vllm.v1.core.sched.scheduler:Scheduler"
+_KV = "vllm.v1.core.kv_cache_manager:KVCacheManager"
+_RUNNER = "vllm.v1.worker.gpu_model_runner:GPUModelRunner"
+_WORKER = "vllm.v1.worker.gpu_worker:Worker"
+E, W, C = Stage.ENGINE_CORE, Stage.WORKER, Stage.CPU_WORKER
+
+INTERNALS: tuple[Internal, ...] = (
+    # RAPID's environment defaults must reach vLLM even after an earlier engine cached vLLM's environment.
+    Internal(Stage.ENGINE_ARGS, "vllm.envs:_is_envs_cache_enabled"),
+    Internal(Stage.ENGINE_ARGS, "vllm.envs:disable_envs_cache"),
+    # The scheduler runs vLLM's own pass once per lane over swapped queues and budgets.
+    Internal(E, _SCHED, assigns=("running", "waiting", "kv_holding_waiting", "max_num_scheduled_tokens",
+                                 "max_num_active_reqs", "prev_step_scheduled_req_ids", "policy", "requests",
+                                 "kv_cache_manager", "finished_req_ids", "structured_output_manager")),
+    Internal(E, _SCHED, "schedule", params=("throttle_prefills",)),
+    Internal(E, _SCHED, "update_from_output", params=("scheduler_output", "model_runner_output"),
+             uses=("make_stats",)),  # registry: one-stats-record-per-step
+    Internal(E, _SCHED, "get_grammar_bitmask", params=("scheduler_output",)),
+    Internal(E, _SCHED, "make_stats"),
+    Internal(E, _SCHED, "finish_requests", params=("request_ids", "finished_status")),
+    Internal(E, _SCHED, "_free_request_blocks", params=("request",)),
+    Internal(E, _KV, "allocate_slots", params=("delay_cache_blocks",)),  # registry: deferred publication
+    Internal(E, _KV, "cache_blocks", params=("request", "num_computed_tokens")),
+    Internal(E, _KV, "free", params=("request",)),
+    Internal(E, "vllm.v1.core.sched.request_queue:create_request_queue"),
+    Internal(E, "vllm.v1.core.sched.request_queue:RequestQueue", "prepend_requests"),
+    # The worker builds a second runner of the platform's class and moves request state between the two.
+    Internal(W, _RUNNER, "execute_model", params=("scheduler_output",)),
+    Internal(W, _RUNNER, "sample_tokens", params=("grammar_output",)),
+    Internal(W, _RUNNER, "initialize_kv_cache", params=("kv_cache_config",)),
+    Internal(W, _RUNNER, "initialize_kv_cache_tensors"),  # registry: shared-kv-tensors
+    Internal(W, _RUNNER, "_dummy_run", params=("num_tokens", "uniform_decode", "is_profile")),
+    Internal(W, _RUNNER, "get_model"),
+    Internal(W, _RUNNER, assigns=("requests", "input_batch", "kv_caches", "cudagraph_dispatcher",
+                                  "execute_model_state", "compilation_config")),
+    Internal(W, _WORKER, assigns=("model_runner", "device", "local_rank")),
+    *(Internal(W, _WORKER, name) for name in ("init_device", "load_model", "initialize_from_config",
+                                              "determine_available_memory", "execute_model", "shutdown")),
+    # Code-swapped by the thread-local patches, which check the globals they are about when they apply.
+    Internal(W, "vllm.forward_context:get_forward_context"),
+    Internal(W, "vllm.forward_context:override_forward_context"),
+    Internal(W, "vllm.distributed.parallel_state:get_tp_group"),
+    Internal(W, "vllm.distributed.parallel_state:init_model_parallel_group",
+             params=("group_ranks", "local_rank", "backend", "group_name")),
+    Internal(C, "vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl", "forward"),
+    Internal(C, "vllm._custom_ops:_supports_onednn"),
+)
+
+
+def _resolve(owner: str) -> Any:
+    module, _, name = owner.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _source(obj: Any) -> str:
+    """The source of ``obj`` and of its vLLM base classes (attributes may be assigned in a base)."""
+    classes = [c for c in inspect.getmro(obj) if c.__module__.startswith("vllm.")] if inspect.isclass(obj) else [obj]
+    return "\n".join(inspect.getsource(c) for c in classes)
+
+
+def problems(internal: Internal) -> list[str]:
+    """What is missing of ``internal`` in the installed vLLM (empty: all there)."""
+    try:
+        obj = _resolve(internal.owner)
+        if internal.method is not None:
+            obj = getattr(obj, internal.method)
+    except (ImportError, AttributeError) as exc:
+        return [f"{internal.label} is missing ({exc})"]
+    found: list[str] = []
+    if internal.params:
+        params = inspect.signature(obj).parameters
+        found += [f"{internal.label} has no parameter {p!r}" for p in internal.params if p not in params]
+    if internal.assigns:
+        source = _source(obj)
+        found += [f"{internal.label} no longer sets self.{a}" for a in internal.assigns
+                  if not re.search(rf"self\.{a}\s*(:[^=\n]+)?=", source)]
+    if internal.uses:
+        code: Callable[..., Any] = inspect.unwrap(obj)
+        names = set(code.__code__.co_names)
+        found += [f"{internal.label} no longer uses {u!r}" for u in internal.uses if u not in names]
+    return found
+
+
+def require_vllm_internals(*stages: Stage) -> None:
+    """Raise one clear error naming every internal of ``stages`` that the installed vLLM lacks."""
+    missing = [p for internal in INTERNALS if internal.stage in stages for p in problems(internal)]
+    if missing:
+        raise UnsupportedVllmError(
+            "this vLLM lacks internals vllm-rapid relies on (update vllm-rapid for it): " + "; ".join(missing)
+        )
