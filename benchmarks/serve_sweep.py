@@ -30,18 +30,17 @@ import platform
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-HOST = "127.0.0.1"
+from vllm_rapid.testing.server import Server, ServerStartError
+
 STARTUP_TIMEOUT_S = 1200.0  # large checkpoints take minutes to load and compile
+
 
 class Interrupted(Exception):
     """SIGTERM/SIGINT: unwind through the ``finally`` blocks so no server is left running."""
@@ -121,58 +120,7 @@ def hardware() -> list[str]:
     return [f"CPU: {cpu} ({os.cpu_count()} logical cores visible, no GPU)"]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-# ---- server and client --------------------------------------------------------------------------------------------
-
-
-class Server:
-    """``vllm serve`` in its own process group, so ``stop()`` also ends the engine and worker processes."""
-
-    def __init__(self, cmd: list[str], port: int, log_path: Path) -> None:
-        self.url = f"http://{HOST}:{port}"
-        env = dict(os.environ)
-        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the engine runs in its own process, as in production
-        self._log = open(log_path, "wb")  # noqa: SIM115 (open for the server's lifetime, closed by stop())
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, start_new_session=True)
-
-    def wait_healthy(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with code {self.proc.returncode} during start-up")
-            with (
-                contextlib.suppress(urllib.error.URLError, OSError),
-                urllib.request.urlopen(self.url + "/health", timeout=2) as response,
-            ):
-                if response.status == 200:
-                    return
-            time.sleep(1)
-        raise RuntimeError(f"vllm serve not healthy after {timeout_s:.0f} s")
-
-    def stop(self) -> None:
-        """SIGINT (vLLM's clean shutdown), then SIGTERM, then SIGKILL; finally SIGKILL any straggler of the group."""
-        for sig, wait_s in ((signal.SIGINT, 30), (signal.SIGTERM, 15), (signal.SIGKILL, 10)):
-            if self.proc.poll() is not None:
-                break
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=wait_s)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self._log.close()
-
-
-def tail(path: Path, lines: int = 30) -> str:
-    with contextlib.suppress(OSError):
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    return "(no log)"
+# ---- the sweep ----------------------------------------------------------------------------------------------------
 
 
 def run_logged(cmd: list[str], log_path: Path) -> int:
@@ -187,15 +135,12 @@ def run_logged(cmd: list[str], log_path: Path) -> int:
                 proc.wait()
 
 
-# ---- the sweep ----------------------------------------------------------------------------------------------------
-
-
-def bench_command(args: argparse.Namespace, model: str, port: int, rate: float, raw_dir: Path, name: str,
+def bench_command(args: argparse.Namespace, model: str, url: str, rate: float, raw_dir: Path, name: str,
                   slo: dict[str, float]) -> list[str]:
     return [
         "vllm", "bench", "serve",
         "--backend", "vllm",
-        "--base-url", f"http://{HOST}:{port}",
+        "--base-url", url,
         "--model", model,
         "--tokenizer", model,
         "--dataset-name", "random",
@@ -216,24 +161,23 @@ def bench_command(args: argparse.Namespace, model: str, port: int, rate: float, 
 
 def run_scheduler(args: argparse.Namespace, sweep: Sweep, scheduler: str, out: Path) -> None:
     """Serve with one scheduler and benchmark every rate; failures are recorded in the results, not raised."""
-    port = args.port or free_port()
-    serve = ["vllm", "serve", sweep.model, "--scheduler", scheduler, "--host", HOST, "--port", str(port),
-                              "--disable-uvicorn-access-log", *sweep.serve_args]
-    sweep.commands.append({"scheduler": scheduler, "kind": "serve", "command": shlex.join(serve)})
-    print(f"[{scheduler}] starting: {shlex.join(serve)}", flush=True)
     log = out / "logs" / f"serve-{scheduler}.log"
-    server = Server(serve, port, log)
+    server = Server(sweep.model, ["--scheduler", scheduler, "--disable-uvicorn-access-log", *sweep.serve_args], log,
+                    port=args.port, startup_timeout_s=STARTUP_TIMEOUT_S)
+    serve = shlex.join(server.command)
+    sweep.commands.append({"scheduler": scheduler, "kind": "serve", "command": serve})
+    print(f"[{scheduler}] starting: {serve}", flush=True)
     try:
-        try:
-            server.wait_healthy()
-        except RuntimeError as exc:
-            error = f"{exc} (see logs/{log.name})"
-            print(f"[{scheduler}] {error}; last lines:\n{tail(log)}", file=sys.stderr, flush=True)
-            sweep.results += [RunResult(scheduler, rate, error=error) for rate in sweep.rates]
-            return
+        server.start()
+    except ServerStartError as exc:
+        print(f"[{scheduler}] {exc}", file=sys.stderr, flush=True)
+        error = f"{exc.reason} (see logs/{log.name})"
+        sweep.results += [RunResult(scheduler, rate, error=error) for rate in sweep.rates]
+        return
+    try:
         for rate in sweep.rates:
             name = f"{scheduler}-rate{rate:g}.json"
-            bench = bench_command(args, sweep.model, port, rate, out / "raw", name, sweep.slo)
+            bench = bench_command(args, sweep.model, server.url, rate, out / "raw", name, sweep.slo)
             sweep.commands.append({"scheduler": scheduler, "kind": "bench", "command": shlex.join(bench)})
             print(f"[{scheduler}] rate {rate:g} req/s ...", flush=True)
             result = RunResult(scheduler, rate)

@@ -18,106 +18,46 @@ import contextlib
 import json
 import os
 import random
+import re
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HOST = "127.0.0.1"
-STARTUP_TIMEOUT_S = 240.0
-KV_CACHE_BYTES = 256 << 20
+from vllm_rapid.testing.server import HOST, Server, ServerStartError, metric
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
+KV_CACHE_BYTES = 256 << 20
 
 
 # ---- the server -------------------------------------------------------------------------------------------------
 
 
-class Server:
-    """``vllm serve`` in its own process group; ``stop()`` ends the whole group (API server, engine, workers)."""
+def server_args(scheduler: str) -> list[str]:
+    """``vllm serve`` options: the tiny model in fp32 with room for the long prompts; RAPID records its lanes."""
+    args = [
+        "--scheduler", scheduler,
+        "--dtype", "float32",
+        "--max-model-len", "4096",
+        "--max-num-batched-tokens", "4096",
+        "--kv-cache-memory-bytes", str(KV_CACHE_BYTES),
+        "--enforce-eager",
+        "--disable-uvicorn-access-log",
+    ]
+    if scheduler == "rapid":
+        args += ["--additional-config", json.dumps({"rapid": {"record_lane_events": True}})]
+    return args
 
-    def __init__(self, model: Path, scheduler: str, port: int, log_path: Path) -> None:
-        self.model, self.port, self.log_path = model, port, log_path
-        self.url = f"http://{HOST}:{port}"
-        cmd = [
-            "vllm", "serve", str(model),
-            "--scheduler", scheduler,
-            "--dtype", "float32",
-            "--max-model-len", "4096",
-            "--max-num-batched-tokens", "4096",
-            "--kv-cache-memory-bytes", str(KV_CACHE_BYTES),
-            "--enforce-eager",
-            "--host", HOST,
-            "--port", str(port),
-            "--disable-uvicorn-access-log",
-        ]
-        if scheduler == "rapid":
-            cmd += ["--additional-config", json.dumps({"rapid": {"record_lane_events": True}})]
-        env = dict(os.environ)
-        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the engine runs in its own processes, as in production
-        env["VLLM_SERVER_DEV_MODE"] = "1"  # exposes /collective_rpc, which reads the lane records
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        with open(log_path, "wb") as log:  # the server keeps its own copy of the descriptor
-            self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                start_new_session=True,
-            )
 
-    def wait_healthy(self, timeout_s: float = STARTUP_TIMEOUT_S) -> float:
-        started = time.monotonic()
-        while time.monotonic() - started < timeout_s:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with code {self.proc.returncode} during start-up")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
-                    if response.status == 200:
-                        return time.monotonic() - started
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"vllm serve was not healthy after {timeout_s:.0f} s")
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no server log)"
-
-    def collective_rpc(self, method: str, **kwargs: str):
-        """Call a worker method through vLLM's dev-mode endpoint; None when unavailable."""
-        body = json.dumps({"method": method, "kwargs": kwargs, "timeout": 30}).encode()
-        request = urllib.request.Request(
-            self.url + "/collective_rpc", data=body, headers={"Content-Type": "application/json"}
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return json.loads(response.read() or b"null").get("results")
-        except (urllib.error.URLError, OSError, ValueError, AttributeError):
-            return None
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            for sig, wait_s in ((signal.SIGINT, 20), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, sig)
-                try:
-                    self.proc.wait(timeout=wait_s)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-        # Stragglers of the group (workers whose parent died first).
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+def fetch_lane_events(server: Server, **kwargs: str) -> list[dict] | None:
+    """The worker's lane records (``RapidWorker.rapid_lane_events``; ``clear="1"`` also empties them), read through
+    vLLM's dev-mode ``/collective_rpc``; None when it does not answer."""
+    try:
+        return server.collective_rpc("rapid_lane_events", **kwargs)[0]
+    except (OSError, ValueError, LookupError):
+        return None
 
 
 # ---- the load -----------------------------------------------------------------------------------------------------
@@ -231,10 +171,11 @@ def report(scheduler: str, results: list[Result], wall_s: float, lane_events: li
     itl = [x for r in ok for x in r.itls_s]
     tokens = sum(r.num_chunks for r in ok)
     n_long = sum(r.kind == "long" for r in results)
+    long_tokens = max((r.prompt_tokens for r in results if r.kind == "long"), default=0)
     print()
     print(f"=== vllm-rapid demo: --scheduler {scheduler} ===")
-    print(f"  requests: {len(results)} ({n_long} long ~{max((r.prompt_tokens for r in results if r.kind == 'long'), default=0)}"
-          f" tokens, {len(results) - n_long} short), completed {len(ok)}, failed {len(failed)}")
+    print(f"  requests: {len(results)} ({n_long} long ~{long_tokens} tokens, {len(results) - n_long} short), "
+          f"completed {len(ok)}, failed {len(failed)}")
     print(f"  wall time {wall_s:.1f} s, {tokens} streamed tokens, {tokens / wall_s:.0f} tokens/s")
     print()
     print(header("Client-side latency"))
@@ -276,36 +217,31 @@ def report(scheduler: str, results: list[Result], wall_s: float, lane_events: li
             print(f"  failed {r.kind} request: {r.error}")
 
 
-def report_metrics(metrics_text: str) -> None:
+def report_metrics(metrics: dict[str, float]) -> None:
     """A few of RAPID's Prometheus metrics, as any scraper of the server's /metrics sees them."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    values: dict[tuple[str, str], float] = {}
-    for family in text_string_to_metric_families(metrics_text):
-        for s in family.samples:
-            if s.name.startswith("vllm_rapid:"):
-                label = s.labels.get("lane") or s.labels.get("result") or s.labels.get("reason") or ""
-                values[(s.name.removeprefix("vllm_rapid:"), label)] = s.value
-    if not values:
+    if not any(key.startswith("vllm_rapid:") for key in metrics):
         print("  (no vllm_rapid: metrics on /metrics)")
         return
     print()
     print("RAPID metrics on /metrics (Prometheus, vllm_rapid:*)")
 
+    def value(name: str, **labels: str) -> float:
+        return metric(metrics, f"vllm_rapid:{name}", default=0.0, **labels)
+
     def share(name: str) -> str:
-        met, missed = values.get((name, "met"), 0), values.get((name, "missed"), 0)
+        met, missed = value(name, result="met"), value(name, result="missed")
         return f"{100 * met / (met + missed):.0f}% of {met + missed:.0f}" if met + missed else "n/a"
 
     print(f"  within the TTFT SLO: {share('ttft_slo_requests_total')} first tokens; within the ITL SLO: "
           f"{share('itl_slo_tokens_total')} gaps; completed within both: {share('slo_requests_total')} requests")
     for lane in ("decode", "prefill"):
-        count, total = values.get(("lane_step_seconds_count", lane), 0), values.get(("lane_step_seconds_sum", lane), 0)
+        count, total = value("lane_step_seconds_count", lane=lane), value("lane_step_seconds_sum", lane=lane)
         mean = f", mean {1000 * total / count:.1f} ms" if count else ""
-        print(f"  {lane} lane: {values.get(('partition_units', lane), 0):.0f} of "
-              f"{values.get(('partition_total_units', ''), 0):.0f} compute units, {count:.0f} batches{mean}")
-    reason = next((r for (name, r), v in values.items() if name == "arm_reason" and v == 1), "n/a")
-    print(f"  ARM's current reason: {reason}; requests failed by a lane: "
-          f"{values.get(('lane_failed_requests_total', ''), 0):.0f}")
+        print(f"  {lane} lane: {value('partition_units', lane=lane):.0f} of "
+              f"{value('partition_total_units'):.0f} compute units, {count:.0f} batches{mean}")
+    current = [key for key, v in metrics.items() if key.startswith("vllm_rapid:arm_reason{") and v == 1]
+    reason = re.search(r'reason="([^"]*)"', current[0])[1] if current else "n/a"
+    print(f"  ARM's current reason: {reason}; requests failed by a lane: {value('lane_failed_requests_total'):.0f}")
 
 
 def _itls_during_long_prefills(ok: list[Result]) -> list[float]:
@@ -349,19 +285,21 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="vllm-rapid-demo-") as tmp:
         model = make_tiny_llama(Path(tmp) / "tiny-llama")
         vocab_size = json.loads((model / "config.json").read_text())["vocab_size"]
-        port = args.port or free_port()
-        print(f"Starting vllm serve {model.name} --scheduler {args.scheduler} on {HOST}:{port} ...", flush=True)
-        server = Server(model, args.scheduler, port, Path(tmp) / "server.log")
+        env = {"VLLM_SERVER_DEV_MODE": "1",  # exposes /collective_rpc, which reads the lane records
+               "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+        server = Server(str(model), server_args(args.scheduler), Path(tmp) / "server.log", port=args.port, env=env)
+        print(f"Starting vllm serve {model.name} --scheduler {args.scheduler} on {HOST}:{server.port} ...", flush=True)
         try:
-            try:
-                startup_s = server.wait_healthy()
-            except RuntimeError as exc:
-                print(f"error: {exc}\n--- server log (tail) ---\n{server.log_tail()}", file=sys.stderr)
-                return 1
-            print(f"Server healthy after {startup_s:.0f} s; warming up ...", flush=True)
+            server.start()
+        except ServerStartError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        try:
+            print(f"Server healthy after {server.startup_s:.0f} s; warming up ...", flush=True)
             warmup = make_workload(2, 2, args.long_prompt_tokens, vocab_size, args.seed + 1)
             asyncio.run(run_load(server.url, str(model), warmup))
-            server.collective_rpc("rapid_lane_events", clear="1")  # drop warm-up records
+            if args.scheduler == "rapid":
+                fetch_lane_events(server, clear="1")  # drop warm-up records
 
             workload = make_workload(args.num_requests, args.long_every, args.long_prompt_tokens, vocab_size,
                                      args.seed)
@@ -369,15 +307,11 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             results = asyncio.run(run_load(server.url, str(model), workload))
             wall_s = time.perf_counter() - started
-            lane_events = None
+            events = fetch_lane_events(server) if args.scheduler == "rapid" else None
+            report(args.scheduler, results, wall_s, events)
             if args.scheduler == "rapid":
-                answer = server.collective_rpc("rapid_lane_events")
-                if isinstance(answer, list) and answer and isinstance(answer[0], list):
-                    lane_events = answer[0]
-            report(args.scheduler, results, wall_s, lane_events)
-            if args.scheduler == "rapid":
-                with contextlib.suppress(OSError), urllib.request.urlopen(server.url + "/metrics", timeout=10) as r:
-                    report_metrics(r.read().decode())
+                with contextlib.suppress(OSError):
+                    report_metrics(server.metrics())
             failed = sum(r.error is not None or r.ttft_s is None for r in results)
             if failed:
                 print(f"--- server log (tail) ---\n{server.log_tail()}", file=sys.stderr)

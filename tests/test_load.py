@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import pytest
-from vllm_rapid.testing.server import Server, metric, parse_metrics, serve
+from vllm_rapid.testing.server import Server, metric, parse_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -79,7 +79,7 @@ def server(tiny_model, tmp_path_factory):
         "--enable-log-requests",
         "--max-log-len", "0",
     ]
-    with serve(tiny_model, args, tmp_path_factory.mktemp("load") / "server.log") as srv:
+    with Server(tiny_model, args, tmp_path_factory.mktemp("load") / "server.log") as srv:
         yield srv
 
 

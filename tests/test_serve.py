@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from vllm_rapid.testing.server import HOST, metric, serve, vllm_env
+from vllm_rapid.testing.server import HOST, Server, metric, vllm_env
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,7 @@ def server(tiny_model, tmp_path_factory):
     ]
     env = {"VLLM_SERVER_DEV_MODE": "1", "VLLM_RAPID_CONFIG": str(EXAMPLES / "rapid_config.yaml"),
            "PYTHONPATH": str(Path(__file__).resolve().parent)}
-    with serve(tiny_model, args, tmp_path_factory.mktemp("serve") / "server.log", env) as srv:
+    with Server(tiny_model, args, tmp_path_factory.mktemp("serve") / "server.log", env=env) as srv:
         yield srv
 
 
@@ -126,14 +126,14 @@ def test_runs_rapid_scheduler(server, client):
     log = server.log()
     assert "RAPID scheduler" in log, server.log_tail()  # the RapidScheduler's own start-up line
     # The RapidWorker's lane records (on through --additional-config, merged with VLLM_RAPID_CONFIG's file).
-    results = server.post("/collective_rpc", {"method": "rapid_lane_events"})["results"]
+    results = server.collective_rpc("rapid_lane_events")
     assert len(results) == 1  # one worker
     events = results[0]
     lanes = {e["lane"] for e in events}
     assert lanes == {"prefill", "decode"}, lanes
     assert any(e["label"].startswith("prefill#") and e["num_tokens"] > 0 for e in events)
     assert any(e["label"] == "decode" and e["num_tokens"] > 0 for e in events)
-    arm = server.post("/collective_rpc", {"method": "rapid_arm_state"})["results"][0]
+    arm = server.collective_rpc("rapid_arm_state")[0]
     assert isinstance(arm, dict) and arm
 
 

@@ -7,7 +7,7 @@ import signal
 import threading
 
 import pytest
-from vllm_rapid.testing.server import metric, serve
+from vllm_rapid.testing.server import Server, metric
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +17,7 @@ def test_sigterm_drains_both_lanes(tiny_model, tmp_path):
 
     args = ["--scheduler", "rapid", "--dtype", "float32", "--enforce-eager", "--max-model-len", "4096",
             "--kv-cache-memory-bytes", str(64 << 20), "--shutdown-timeout", "60"]
-    with serve(tiny_model, args, tmp_path / "server.log") as server:
+    with Server(tiny_model, args, tmp_path / "server.log") as server:
         client = OpenAI(base_url=server.url + "/v1", api_key="EMPTY", timeout=120, max_retries=0)
         client.completions.create(model=server.model, prompt="warm up", max_tokens=2)
         results: dict[int, tuple[int, str]] = {}

@@ -1,4 +1,9 @@
-"""A real ``vllm serve`` for tests: its own process group, a log file, start-up polling and a certain stop."""
+"""A real ``vllm serve`` for the tests, the serving benchmark and the demo: its own process group, a log file,
+start-up polling, a certain stop of the whole group, ``/metrics`` and dev-mode ``/collective_rpc``.
+
+No pytest here (the benchmark and the demo use it too): a server that never gets healthy raises
+``ServerStartError``, with the end of its log, which fails a test like any other exception.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +16,19 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-
-import pytest
+from typing import Any
 
 HOST = "127.0.0.1"
-STARTUP_TIMEOUT_S = 300
+STARTUP_TIMEOUT_S = 300.0
+
+
+class ServerStartError(RuntimeError):
+    """``vllm serve`` exited, or did not answer ``/health`` in time, during start-up."""
+
+    def __init__(self, reason: str, log_tail: str) -> None:
+        super().__init__(f"{reason}; the end of its log:\n{log_tail}")
+        self.reason = reason
 
 
 def free_port() -> int:
@@ -27,22 +37,83 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@dataclass
+def vllm_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a ``vllm`` subprocess: conftest runs test engines' cores in-process, a real server not."""
+    return {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"} | (extra or {})
+
+
 class Server:
-    model: str
-    port: int
-    log_path: Path
-    proc: subprocess.Popen
+    """``vllm serve model --host HOST --port port *args``, output to ``log_path``; as a context manager, started
+    (healthy) on entry and stopped on exit."""
+
+    def __init__(self, model: str, args: list[str], log_path: Path, *, port: int = 0,
+                 env: dict[str, str] | None = None, startup_timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+        self.model, self.log_path, self.env, self.startup_timeout_s = model, log_path, env, startup_timeout_s
+        self.port = port or free_port()
+        self.command = ["vllm", "serve", model, "--host", HOST, "--port", str(self.port), *args]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.startup_s = 0.0  # start to healthy
+
+    def __enter__(self) -> Server:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
 
     @property
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
+    def start(self) -> None:
+        """Start it in its own session and wait for ``/health``; on any failure stop what started, then raise."""
+        started = time.monotonic()
+        with open(self.log_path, "wb") as log:  # the server keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env=vllm_env(self.env), start_new_session=True)
+        try:
+            while not self.healthy():
+                if self.proc.poll() is not None:
+                    raise ServerStartError(f"vllm serve exited with code {self.proc.returncode} during start-up",
+                                           self.log_tail())
+                if time.monotonic() - started > self.startup_timeout_s:
+                    raise ServerStartError(f"vllm serve not healthy after {self.startup_timeout_s:.0f} s",
+                                           self.log_tail())
+                time.sleep(0.5)
+        except BaseException:  # also Ctrl-C or a benchmark's signal handler: no server is left behind
+            self.stop()
+            raise
+        self.startup_s = time.monotonic() - started
+
+    def stop(self) -> None:
+        """Stop ``vllm serve`` and every process it started: SIGINT (vLLM's clean shutdown), then SIGTERM, then
+        SIGKILL to the group; at last SIGKILL to what is left of it (workers whose parent died first)."""
+        if self.proc is None:
+            return
+        for sig, wait_s in ((signal.SIGINT, 30), (signal.SIGTERM, 15), (signal.SIGKILL, 15)):
+            if self.proc.poll() is not None:
+                break
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=wait_s)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
     def log_tail(self, lines: int = 80) -> str:
-        return "\n".join(self.log().splitlines()[-lines:])
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log().splitlines()[-lines:])
+        return "(no server log)"
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
 
     def get(self, path: str, timeout: float = 10) -> str:
         with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
@@ -59,52 +130,11 @@ class Server:
         """The server's /metrics (see ``parse_metrics``)."""
         return parse_metrics(self.get("/metrics"))
 
-    def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
-                return response.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
-
-
-def vllm_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for a ``vllm`` subprocess: conftest runs test engines' cores in-process, a real server not."""
-    return {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"} | (extra or {})
-
-
-@contextlib.contextmanager
-def serve(model: str, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> Iterator[Server]:
-    """``vllm serve model *args`` on a free port until the block ends; fails the test if it never gets healthy."""
-    port = free_port()
-    cmd = ["vllm", "serve", model, "--host", HOST, "--port", str(port), *args]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=vllm_env(env), start_new_session=True)
-    server = Server(model, port, log_path, proc)
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not server.healthy():
-            if proc.poll() is not None:
-                pytest.fail(f"vllm serve exited with {proc.returncode} during start-up:\n{server.log_tail()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"vllm serve not healthy after {STARTUP_TIMEOUT_S} s:\n{server.log_tail()}")
-            time.sleep(0.5)
-        yield server
-    finally:
-        stop_group(proc)
-
-
-def stop_group(proc: subprocess.Popen) -> None:
-    """Stop ``vllm serve`` and every process it started (its own session): SIGINT, then SIGTERM, then SIGKILL."""
-    for sig, wait_s in ((signal.SIGINT, 30), (signal.SIGTERM, 15), (signal.SIGKILL, 15)):
-        if proc.poll() is not None:
-            break
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=wait_s)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)  # workers left behind by a parent that died first
+    def collective_rpc(self, method: str, timeout_s: float = 30, **kwargs: str) -> list[Any]:
+        """Every worker's answer to ``method`` through vLLM's dev-mode endpoint (start the server with
+        ``VLLM_SERVER_DEV_MODE=1``); vLLM passes keyword arguments only as strings."""
+        body = {"method": method, "kwargs": kwargs, "timeout": timeout_s}
+        return self.post("/collective_rpc", body, timeout=2 * timeout_s)["results"]
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -119,9 +149,12 @@ def parse_metrics(text: str) -> dict[str, float]:
     return values
 
 
-def metric(values: dict[str, float], name: str, **labels: str) -> float:
-    """Sum of ``name`` over the series whose labels include ``labels``."""
+def metric(values: dict[str, float], name: str, default: float | None = None, **labels: str) -> float:
+    """Sum of ``name`` over the series whose labels include ``labels``; ``default`` (or LookupError) when none."""
     found = [v for k, v in values.items()
              if k.split("{", 1)[0] == name and all(f'{lk}="{lv}"' in k for lk, lv in labels.items())]
-    assert found, f"no metric {name} {labels} in /metrics"
-    return sum(found)
+    if found:
+        return sum(found)
+    if default is None:
+        raise LookupError(f"no metric {name} {labels} in /metrics")
+    return default
