@@ -12,14 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import shlex
-import statistics
 import sys
 import tempfile
 import time
 from dataclasses import asdict
+
+from benchmarks.machine import cpu_name
+from vllm_rapid.testing.overlap import gaps_ms, median_gap_ms, summarize_overlap
 
 DECODERS, LONG_PROMPT, DECODE_WARMUP_STEPS = 4, 2500, 40
 
@@ -55,24 +56,13 @@ def run(model: str, scheduler: str, chunk: int) -> dict:
             first_token = time.monotonic()
             break
     result = {"scheduler": scheduler, "ttft_long_ms": (first_token - added) * 1e3,
-              "itl_ms_alone": _median_gap_ms([t for t in token_times if t <= added][-20:]),
-              "itl_ms_during": _median_gap_ms([t for t in token_times if added < t <= first_token]),
-              "max_itl_ms_during": max(_gaps_ms([t for t in token_times if added < t <= first_token]), default=0)}
+              "itl_ms_alone": median_gap_ms([t for t in token_times if t <= added][-20:]),
+              "itl_ms_during": median_gap_ms([t for t in token_times if added < t <= first_token]),
+              "max_itl_ms_during": max(gaps_ms([t for t in token_times if added < t <= first_token]), default=0)}
     if scheduler == "rapid":
-        from vllm_rapid.testing.overlap import summarize_overlap
-
         result["lanes"] = asdict(summarize_overlap(llm.collective_rpc("rapid_lane_events")[0], LONG_PROMPT - 1))
     engine.abort_request([f"d{i}" for i in range(DECODERS)])
     return result
-
-
-def _gaps_ms(times: list[float]) -> list[float]:
-    return [(b - a) * 1e3 for a, b in zip(times, times[1:])]
-
-
-def _median_gap_ms(times: list[float]) -> float:
-    gaps = _gaps_ms(times)
-    return statistics.median(gaps) if gaps else float("nan")
 
 
 def main() -> None:
@@ -97,7 +87,7 @@ def main() -> None:
                                "--chunk", str(args.chunk)], capture_output=True, text=True, check=True)
         results.append(json.loads(next(l for l in done.stdout.splitlines() if l.startswith("RESULT "))[7:]))
     report = {"command": shlex.join(["python", "-m", "benchmarks.lane_overlap", *sys.argv[1:]]),
-              "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+              "machine": cpu_name(), "cpus": os.cpu_count(),
               "model": "tiny random Llama, 4 layers, hidden 256, fp32", "results": results}
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)

@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import platform
 import re
 import shlex
 import sys
@@ -31,6 +30,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.machine import cpu_name
 from benchmarks.mechanism_lib import plots
 from benchmarks.mechanism_lib.engine import DEFAULT_POLICIES, EngineConfig, Policy, RunResult, ServingRun
 from benchmarks.mechanism_lib.metrics import ITL_SLO_STATS, OverlapBound, RunSummary, goodput, summarize
@@ -41,6 +41,7 @@ from vllm_rapid.config import RapidConfig
 from vllm_rapid.lanes.arm import AdaptiveResourceManager, DecodeProfile, RooflineEstimate
 from vllm_rapid.lanes.lane import Lane
 from vllm_rapid.lanes.partition import PartitionBackend, create_partition_backend
+from vllm_rapid.testing.overlap import gaps_ms
 from vllm_rapid.tools.layer_stack import LlamaStack, ModelDims
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,7 +98,7 @@ def resolve_device(choice: str) -> torch.device:
 
 
 def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
 def make_traces(args: argparse.Namespace) -> dict[float, list[TraceRequest]]:
@@ -239,7 +240,8 @@ def _finish(report: dict, runs: dict[tuple[str, float], RunResult], summaries: l
     (out / "results.json").write_text(json.dumps(report, indent=1))
     rates = list(args.rates)
     cdf_rate = args.cdf_rate if args.cdf_rate in rates else rates[len(rates) // 2]
-    itls = {policy: _gaps_ms(run) for (policy, rate), run in runs.items() if rate == cdf_rate}
+    itls = {policy: [g for s in run.requests for g in gaps_ms(s.token_times)]
+            for (policy, rate), run in runs.items() if rate == cdf_rate}
     plots.plot_goodput(out / "goodput.png", by_policy, goodputs)
     plots.plot_itl_cdf(out / "itl_cdf.png", itls, cdf_rate, args.itl_slo_ms)
     plots.plot_partition(out / "partition.png", timelines, report["total_units"])
@@ -252,10 +254,6 @@ def _finish(report: dict, runs: dict[tuple[str, float], RunResult], summaries: l
 
 def _slo(args: argparse.Namespace) -> tuple[float, float, str]:
     return args.ttft_slo_ms, args.itl_slo_ms, args.itl_slo_stat
-
-
-def _gaps_ms(run: RunResult) -> list[float]:
-    return [1e3 * (b - a) for s in run.requests for a, b in zip(s.token_times, s.token_times[1:])]
 
 
 def _line(s: RunSummary, wall_s: float) -> str:

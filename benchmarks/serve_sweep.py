@@ -25,10 +25,8 @@ import argparse
 import contextlib
 import importlib.metadata
 import json
-import os
 import platform
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -37,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.machine import hardware
 from vllm_rapid.testing.server import Server, ServerStartError
 
 STARTUP_TIMEOUT_S = 1200.0  # large checkpoints take minutes to load and compile
@@ -102,22 +101,6 @@ def vllm_version() -> str:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             return f"{dist} {importlib.metadata.version(dist)}"
     return "unknown"
-
-
-def hardware() -> list[str]:
-    """GPUs from ``nvidia-smi -L``; without one, the CPU model and core count (so numbers are never unlabelled)."""
-    if shutil.which("nvidia-smi"):
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30, check=False).stdout
-            if out.strip():
-                return out.strip().splitlines()
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return [f"CPU: {cpu} ({os.cpu_count()} logical cores visible, no GPU)"]
 
 
 # ---- the sweep ----------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from benchmarks.mechanism_lib.engine import RunResult
+from vllm_rapid.testing.overlap import gaps_ms
 
 GOODPUT_ATTAINMENT = 0.9
 # Statistic of a request's own inter-token gaps compared with the ITL SLO. The ARM steers every decode step to the
@@ -64,7 +65,7 @@ def summarize(run: RunResult, ttft_slo_ms: float, itl_slo_ms: float, itl_slo_sta
         if not times:
             continue
         ttft = 1e3 * (times[0] - state.req.arrival_s)
-        gaps = list(1e3 * np.diff(times))
+        gaps = gaps_ms(times)
         ttfts.append(ttft)
         itls.extend(gaps)
         done = state.generated >= state.req.output_len

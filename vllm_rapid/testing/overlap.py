@@ -1,4 +1,5 @@
-"""Reading recorded lane events (``record_lane_events``): did decode keep its pace while a long prefill ran?"""
+"""Reading recorded lane events (``record_lane_events``): did decode keep its pace while a long prefill ran? The
+gaps between timestamps it measures that by are the benchmarks' inter-token latencies too."""
 
 from __future__ import annotations
 
@@ -41,11 +42,17 @@ def summarize_overlap(events: list[dict[str, Any]], min_prefill_tokens: int, win
         prefill_ms=(end - start) * 1e3,
         decode_steps_during=len(during),
         decode_batch_sizes_during=tuple(sorted({e["num_tokens"] for e in during})),
-        itl_ms_during=_median_gap_ms(during),
-        itl_ms_alone=_median_gap_ms(alone),
+        itl_ms_during=median_gap_ms([e["end"] for e in during]),
+        itl_ms_alone=median_gap_ms([e["end"] for e in alone]),
         decode_step_spanning_prefill=any(e["start"] <= start and e["end"] >= end for e in decodes),
     )
 
 
-def _median_gap_ms(steps: list[dict[str, Any]]) -> float:
-    return statistics.median(b["end"] - a["end"] for a, b in zip(steps, steps[1:])) * 1e3
+def gaps_ms(times: list[float]) -> list[float]:
+    """Milliseconds between consecutive timestamps (seconds): inter-token or inter-step latencies."""
+    return [(b - a) * 1e3 for a, b in zip(times, times[1:])]
+
+
+def median_gap_ms(times: list[float]) -> float:
+    gaps = gaps_ms(times)
+    return statistics.median(gaps) if gaps else float("nan")
