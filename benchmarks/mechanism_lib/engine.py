@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from benchmarks.mechanism_lib.paged import BlockFreeList
 from benchmarks.mechanism_lib.runner import ChunkInputs, DecodeInputs, StackRunner, StepInputs
 from benchmarks.mechanism_lib.trace import TraceRequest
-from vllm_rapid.lanes.arm import AdaptiveResourceManager
+from vllm_rapid.lanes.arm import AdaptiveResourceManager, ArmInputs, DecodeObservation
 from vllm_rapid.lanes.lane import Lane
 from vllm_rapid.lanes.partition import PartitionBackend, Split
 
@@ -205,13 +205,9 @@ class ServingRun:
         if lane == "prefill":
             return self.arm.current_split
         waiting = [s.req.arrival_s for s in [*self.active, *self.waiting] if s.prefilling and not s.busy]
-        decision = self.arm.decide(
-            len(decodes),
-            sum(s.seq_len for s in decodes) / max(1, len(decodes)),
-            1e3 * (self._now() - min(waiting)) if waiting else 0.0,
-            prefill_inflight=any(s.busy and s.prefilling for s in self.active),
-        )
-        return decision.split
+        inflight = any(s.busy and s.prefilling for s in self.active)
+        inputs = ArmInputs.of([s.seq_len for s in decodes], waiting, inflight, now=self._now())
+        return self.arm.decide(inputs).split
 
     def _submit(self, work: _Work) -> Future:
         block_size = self.config.block_size
@@ -248,4 +244,4 @@ class ServingRun:
         self.steps.append(StepRecord(work.lane, start, end, len(work.decodes), sum(n for _, n in work.chunks),
                                      work.split.decode_units, mean_context))
         if self.arm is not None and work.decodes:
-            self.arm.observe_decode_step(work.split, len(work.decodes), round(mean_context), 1e3 * (end - start))
+            self.arm.observe(DecodeObservation(work.split, len(work.decodes), round(mean_context), 1e3 * (end - start)))
