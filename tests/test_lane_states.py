@@ -49,11 +49,24 @@ def batch_of_cached(*req_ids: str) -> SchedulerOutput:
     return output
 
 
+def batch_of(*req_ids: str) -> SchedulerOutput:
+    """A prefill batch scheduling ``req_ids`` (new requests: no state to claim yet)."""
+    output = SchedulerOutput.make_empty()
+    output.num_scheduled_tokens = dict.fromkeys(req_ids, 1)
+    return output
+
+
 def run_new_requests(runner: Runner, *req_ids: str) -> dict[str, State]:
     """The lane runs a batch with new requests: the runner creates their states."""
     states = {req_id: State(req_id) for req_id in req_ids}
     runner.requests.update(states)
     return states
+
+
+def launch_new_requests(lanes: LaneStates, runner: Runner, *req_ids: str) -> dict[str, State]:
+    """RapidWorker launches a prefill batch of new requests and its lane runs it."""
+    lanes.launch(batch_of(*req_ids))
+    return run_new_requests(runner, *req_ids)
 
 
 def test_prefill_states_are_parked_then_claimed_by_the_decode_runner():
@@ -82,19 +95,19 @@ def test_request_finished_while_parked_is_forgotten():
 
 def test_request_finished_while_its_batch_is_in_flight_is_dropped_when_the_batch_is_parked():
     lanes, decode, prefill = make_lanes()
-    states = run_new_requests(prefill, "a", "b")
+    states = launch_new_requests(lanes, prefill, "a", "b")
     lanes.finish(["a"])
     assert prefill.requests == states  # the prefill lane is running: its runner is not touched
     lanes.park(["a", "b"])
     assert lanes.parked == {"b": states["b"]} and prefill.requests == {}
-    run_new_requests(prefill, "a")  # the id comes back as a new request: parked as usual
+    launch_new_requests(lanes, prefill, "a")  # the id comes back as a new request: parked as usual
     lanes.park(["a"])
     assert set(lanes.parked) == {"a", "b"}
 
 
 def test_failed_batch_states_are_dropped_from_either_runner():
     lanes, decode, prefill = make_lanes()
-    run_new_requests(prefill, "a", "b")
+    launch_new_requests(lanes, prefill, "a", "b")
     lanes.finish(["a"])
     prefill.execute_model_state = object()  # the batch raised between forward and sampling
     lanes.drop(prefill, ["a", "b"])
@@ -103,7 +116,7 @@ def test_failed_batch_states_are_dropped_from_either_runner():
     run_new_requests(decode, "d0", "d1")
     lanes.drop(decode, ["d0", "d1"])
     assert decode.requests == {} and decode.input_batch.removed == ["d0", "d1"]
-    run_new_requests(prefill, "a")  # a's in-flight finish was cleared with its failed batch
+    launch_new_requests(lanes, prefill, "a")  # a's in-flight finish was cleared with its failed batch
     lanes.park(["a"])
     assert set(lanes.parked) == {"a"}
 
@@ -143,13 +156,11 @@ def test_lost_runner_state_is_an_error():
     assert set(prefill.requests) == {"a"}
 
 
-@pytest.mark.xfail(strict=True, reason="found with issue 10: finish() treats a request as in flight only once the "
-                   "prefill runner holds its state, which the lane thread creates when the batch starts running")
 def test_request_finished_before_the_lane_starts_its_batch_is_not_parked():
     """RapidWorker submits a batch and returns; an abort can reach finish() before the lane thread has run the
     batch's first lines (which create the new requests' states)."""
     lanes, decode, prefill = make_lanes()
-    lanes.claim(prefill, SchedulerOutput.make_empty())  # launch: a batch of new requests a, b
+    lanes.launch(batch_of("a", "b"))
     lanes.finish(["a"])
     run_new_requests(prefill, "a", "b")  # the lane thread gets going
     lanes.park(["a", "b"])

@@ -4,12 +4,11 @@
 is mocked. Where vLLM's own Scheduler defines what is right, the same requests run through it with ``StepDriver`` and
 the tokens and finish reasons must match (the driver's token rule depends only on the tokens so far, as greedy
 decoding does). Every test ends idle and clean: no request left, every KV block back in the pool.
-
-Tests marked ``xfail(strict=True)`` pin known bugs (issue 10, and ones found here): they fail loudly once fixed.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
 
 import pytest
@@ -459,10 +458,9 @@ def test_make_stats_before_the_first_step():
     assert_idle_and_clean(driver)
 
 
-# ---- known bugs ------------------------------------------------------------------------------------------------
+# ---- vLLM's semantics where two lanes once differed (issue 10) ---------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 1: a request finishing on its first token never publishes")
 def test_request_finishing_on_its_first_token_publishes_its_prompt_blocks():
     prompt = prompts_of_lengths([64], seed=3)[0]
     for driver in (LaneDriver(make_scheduler()), StepDriver(make_vllm_scheduler())):
@@ -472,8 +470,6 @@ def test_request_finishing_on_its_first_token_publishes_its_prompt_blocks():
         assert_idle_and_clean(driver)
 
 
-@pytest.mark.xfail(strict=True, reason="found with issue 10 (like item 1): a request's last decode step never "
-                   "publishes the block it completes")
 def test_blocks_completed_by_a_requests_last_decode_step_are_published():
     """A follow-up turn (prompt = the last turn's prompt and output) hits every block the last turn wrote."""
     prompt = prompts_of_lengths([16], seed=3)[0]
@@ -485,7 +481,6 @@ def test_blocks_completed_by_a_requests_last_decode_step_are_published():
         assert_idle_and_clean(driver)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 2: requests prefilled in one batch do not share a new prefix")
 def test_requests_prefilled_in_one_batch_share_a_new_common_prefix():
     prefix = prompts_of_lengths([64], seed=3)[0]
     for driver in (LaneDriver(make_scheduler()), StepDriver(make_vllm_scheduler())):
@@ -510,7 +505,6 @@ def priority_pair() -> list[Request]:
     )
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 3: decode-lane preemption picks victims in its own lane only")
 def test_decode_preemption_picks_the_lowest_priority_victim_of_either_lane():
     """When h needs a block, l holds the rest, between two of its chunks (not in flight): vLLM preempts l."""
     reference = StepDriver(make_vllm_scheduler(PRIORITY_SETUP))
@@ -525,8 +519,6 @@ def test_decode_preemption_picks_the_lowest_priority_victim_of_either_lane():
     assert_idle_and_clean(driver)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="issue 10 item 5: "
-                   "reset_prefix_cache(reset_running_requests=True) raises with a batch in flight")
 def test_reset_prefix_cache_with_a_prefill_batch_in_flight():
     """All running requests are preempted; the one in flight keeps its blocks until its batch completes."""
     driver = LaneDriver(make_scheduler(), prefill_steps=None)
@@ -534,11 +526,13 @@ def test_reset_prefix_cache_with_a_prefill_batch_in_flight():
     driver.add(*make_requests(prompts_of_lengths([100], seed=1), greedy(4), ids=["x"]))
     driver.step()
     x_blocks = block_ids_of(driver, "x")
-    assert driver.scheduler.reset_prefix_cache(reset_running_requests=True) in (True, False)
+    d_prompt = driver.scheduler.requests["d"].prompt_token_ids
+    assert driver.scheduler.reset_prefix_cache(reset_running_requests=True) is True
     assert blocks_in_use(driver, x_blocks) == x_blocks
     driver.complete_prefill()
     driver.step()
     assert blocks_in_use(driver, x_blocks) == []
+    assert cached_prefix_tokens(driver, d_prompt) == 0  # the reset ran once the lane was done with the batch
     driver.run_until_idle()
     reference = StepDriver(make_vllm_scheduler())
     reference.run_until_idle({0: make_requests(prompts_of_lengths([20], seed=9), greedy(60), ids=["d"]),
@@ -547,8 +541,6 @@ def test_reset_prefix_cache_with_a_prefill_batch_in_flight():
     assert_idle_and_clean(driver)
 
 
-@pytest.mark.xfail(strict=True, reason="found with issue 10: has_requests() ignores the prefill batch in flight, so "
-                   "the engine core stops stepping with the batch (and its fenced blocks) unreleased")
 def test_engine_keeps_stepping_while_a_prefill_batch_is_in_flight():
     driver = LaneDriver(make_scheduler(), prefill_steps=None)
     driver.add(*make_requests(prompts_of_lengths([300]), greedy(4), ids=["x"]))
@@ -562,8 +554,6 @@ def test_engine_keeps_stepping_while_a_prefill_batch_is_in_flight():
     assert_idle_and_clean(driver)
 
 
-@pytest.mark.xfail(strict=True, reason="found with issue 10: decode-lane preemptions go back to an FCFS waiting queue "
-                   "in reverse order (prepend_requests on a deque is extendleft)")
 def test_requests_preempted_by_one_decode_step_keep_their_fcfs_order():
     setup = SchedulerSetup(num_blocks=4, block_size=4, enable_prefix_caching=False)  # three blocks to share
 
@@ -578,3 +568,75 @@ def test_requests_preempted_by_one_decode_step_keep_their_fcfs_order():
 
     assert waiting_after_preemption(StepDriver(make_vllm_scheduler(setup))) == ["r1", "r2"]
     assert waiting_after_preemption(LaneDriver(make_scheduler(setup))) == ["r1", "r2"]
+
+
+FCFS_SETUP = SchedulerSetup(
+    num_blocks=8, block_size=4, max_num_batched_tokens=16, max_num_seqs=4, enable_prefix_caching=False,
+    long_prefill_token_threshold=8, rapid={"prefill_chunk_tokens": 8},
+)
+
+
+def fcfs_pair() -> list[Request]:
+    """o (older) decodes; n (newer) is prefilled in chunks beside it until the blocks run out."""
+    return make_requests(prompts_of_lengths([4, 24]), [greedy(20), greedy(2)], ids=["o", "n"], block_size=4)
+
+
+def test_decode_preemption_takes_the_newest_request_of_either_lane_under_fcfs():
+    """When o needs a block, n (newest, between two of its chunks) holds the rest: vLLM preempts n, never o."""
+    reference = StepDriver(make_vllm_scheduler(FCFS_SETUP))
+    o, n = fcfs_pair()
+    reference.run_until_idle({0: [o, n]})
+    assert (o.num_preemptions, n.num_preemptions) == (0, 1)
+    driver = LaneDriver(make_scheduler(FCFS_SETUP), prefill_steps=2)
+    o, n = fcfs_pair()
+    driver.run_until_idle({0: [o, n]})
+    assert driver.tokens == reference.tokens
+    assert (o.num_preemptions, n.num_preemptions) == (0, 1)
+    assert_idle_and_clean(driver)
+
+
+def test_a_decode_request_waits_for_a_newer_request_in_flight_instead_of_being_preempted():
+    """o (two prompt tokens, one block) decodes; n (newer) fills every other block, its batch in flight. When o
+    needs its second block, the newest request is n, whose blocks come back only when its batch completes: o waits
+    for that rather than being preempted in n's place (as vLLM's policy would never choose it)."""
+    setup = SchedulerSetup(num_blocks=8, block_size=4, max_num_batched_tokens=32, enable_prefix_caching=False)
+
+    def arrivals() -> dict[int, list[Request]]:
+        o, n = make_requests(prompts_of_lengths([2, 24]), [greedy(12), greedy(2)], ids=["o", "n"], block_size=4)
+        return {0: [o], 2: [n]}
+
+    driver = LaneDriver(make_scheduler(setup), prefill_steps=5)
+    waves = arrivals()
+    o = waves[0][0]
+    driver.run_until_idle(waves)
+    assert o.num_preemptions == 0
+    reference = StepDriver(make_vllm_scheduler(setup))
+    reference.run_until_idle(arrivals())
+    assert driver.tokens == reference.tokens
+    assert_idle_and_clean(driver)
+
+
+def test_no_admission_in_a_step_whose_decode_pass_preempted():
+    """vLLM never admits waiting requests in a step that preempted; neither does RAPID's prefill pass (seeded random
+    workloads under KV pressure, priorities and staggered arrivals, where a newcomer could otherwise take the blocks
+    a preemption just freed)."""
+    rng = random.Random(7)
+    preempting_steps = 0
+    for trial in range(12):
+        n = rng.randint(4, 6)
+        setup = SchedulerSetup(num_blocks=rng.choice([8, 12]), block_size=4, max_num_batched_tokens=32,
+                               policy="priority")
+        reqs = make_requests(prompts_of_lengths([rng.randint(1, 10) for _ in range(n)], seed=trial),
+                             greedy(rng.choice([6, 10, 16])), block_size=4,
+                             priorities=[rng.randint(0, 2) for _ in range(n)])
+        arrivals: dict[int, list[Request]] = {}
+        for request in reqs:
+            arrivals.setdefault(rng.randint(0, 12), []).append(request)
+        driver = LaneDriver(make_scheduler(setup), prefill_steps=1)
+        driver.run_until_idle(arrivals)
+        for record in driver.records:
+            if record.scheduler_output.preempted_req_ids:
+                preempting_steps += 1
+                assert record.scheduler_output.prefill is None, f"trial {trial}: admitted in a preempting step"
+        assert_idle_and_clean(driver)
+    assert preempting_steps > 0

@@ -55,6 +55,10 @@ class RapidConfig:
     idle_wait_ms: float = 20.0
     # Keep per-lane timestamps of every batch (tests, the demo and benchmarks read them).
     record_lane_events: bool = False
+    # Unseeded random sampling gives the same samples on every run with the same engine seed, as with vLLM's own
+    # scheduler: each such request gets a generator seeded from the engine's seed and its arrival order (vLLM's
+    # seeded path; on a GPU that costs a small kernel per random-sampled request per step).
+    reproducible_sampling: bool = True
     # Check the scheduler's request-lifecycle invariants after every step (tests turn it on; costs a pass over the
     # running requests per step).
     debug_invariants: bool = False

@@ -21,8 +21,10 @@ preempted                     back to ``waiting``                               
 Three hazards that a single stream hides are fenced here:
 
 * prefix-cache commits: vLLM publishes full blocks to the prefix cache when it schedules them, before any lane has
-  written them. A request admitted while another lane is still writing those blocks would read garbage. Blocks are
-  published only once their KV is written (decode: at the next step; prefill: when the batch completes).
+  written them. New requests are admitted only by the prefill pass, which runs only while the prefill lane is idle;
+  so the prefill pass publishes at schedule time as vLLM does (requests of one batch share a new common prefix, as
+  in vLLM's own batch), while the decode pass publishes a block only once its step has written it. A prefill batch
+  that fails takes its blocks out of the prefix cache again.
 * freed blocks: a request aborted or preempted while its prefill is in flight keeps its blocks until the batch
   completes (``fenced_frees``), so no other request can be handed a block the prefill lane is still writing.
 * the first token: it is sampled by the prefill lane; the worker moves the request's runner state to the decode lane
@@ -34,13 +36,16 @@ its requests finish with ``FINISHED_ERROR`` and free their blocks; every other r
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from vllm.v1.core.sched.output import SchedulerOutput
-from vllm.v1.core.sched.request_queue import create_request_queue
+from vllm.sampling_params import SamplingType
+from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
+from vllm.v1.core.sched.request_queue import SchedulingPolicy, create_request_queue
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.outputs import ModelRunnerOutput
@@ -51,6 +56,7 @@ from vllm_rapid.lanes.arm import ArmInputs, DecodeObservation
 from vllm_rapid.lanes.lane import LaneName
 from vllm_rapid.metrics.lane_stats import LaneStats, StepStats
 from vllm_rapid.patch.internals import require_vllm_internals
+from vllm_rapid.patch.iteration_details import count_prefill_launches
 from vllm_rapid.patch.kv_publication import defer_prefix_cache_publication
 from vllm_rapid.patch.registry import Stage
 from vllm_rapid.patch.scheduler_stats import has_plugin_stats
@@ -67,6 +73,8 @@ class InflightPrefill:
     batch_id: int
     scheduler_output: SchedulerOutput
     req_ids: frozenset[str]
+    # The blocks this batch writes, published at schedule time: taken out of the prefix cache if it fails.
+    written_blocks: frozenset[int] = frozenset()
     fenced_frees: list[Request] = field(default_factory=list)
 
 
@@ -92,7 +100,19 @@ class RapidScheduler(Scheduler):
         self._step_stats = StepStats()
         # The last decode step the output rank measured, shipped to every rank's ARM with the next step.
         self._decode_observation: DecodeObservation | None = None
-        defer_prefix_cache_publication(self.kv_cache_manager)
+        # The scheduling pass running now (None outside schedule()), and during the decode pass the prefill lane's
+        # running requests (which vLLM's own pass cannot see, but whose blocks preemption may take).
+        self._pass: LaneName | None = None
+        self._other_lane: list[Request] = []
+        self._running_order: dict[int, int] = {}
+        # A reset_prefix_cache(reset_running_requests=True) that waits for the prefill lane to finish its batch.
+        self._reset_prefix_cache_after_batch: bool | None = None
+        # Requests refused at arrival (a feature RAPID does not support per request), failed at the next update.
+        self._refused: dict[str, str] = {}
+        self._num_added = 0
+        # The decode pass delays publication to the prefix cache until its step has written the blocks.
+        defer_prefix_cache_publication(self.kv_cache_manager, when=lambda: self._pass != LaneName.PREFILL)
+        count_prefill_launches()
         logger.info(
             "RAPID scheduler: decode every step, prefill batches of up to %d tokens on their own lane (%s)",
             self.prefill_token_budget,
@@ -101,17 +121,47 @@ class RapidScheduler(Scheduler):
 
     # ---- scheduling -------------------------------------------------------------------------------------------
 
+    def add_request(self, request: Request) -> None:
+        if request.resumable and request.request_id not in self.requests:
+            self.requests[request.request_id] = request  # failed at the next update, with a clear reason
+            self._refused[request.request_id] = "streaming-input sessions are not supported with --scheduler rapid yet"
+            return
+        self._seed_unseeded(request)
+        super().add_request(request)
+
+    def _seed_unseeded(self, request: Request) -> None:
+        """Give an unseeded random-sampling request a seed derived from the engine's seed and its arrival order.
+
+        vLLM's default scheduler draws unseeded samples from one device generator in step order, which one lane
+        makes reproducible run to run. Two lanes draw in an order set by timing, and which requests share a decode
+        batch also depends on when prefills finish: only a generator per request keeps the samples the same on every
+        run (vLLM's seeded path). The request's own SamplingParams object is not changed (callers share them).
+        """
+        self._num_added += 1
+        params, seed = request.sampling_params, self.vllm_config.model_config.seed
+        if params is None or seed is None or params.sampling_type != SamplingType.RANDOM:
+            return
+        if not self.rapid_config.reproducible_sampling:
+            return
+        request.sampling_params = params.clone()
+        request.sampling_params.seed = (seed * 1_000_003 + self._num_added) % (1 << 63)
+
+    def has_requests(self) -> bool:
+        # A prefill batch in flight keeps the engine stepping until its result is in, also when every one of its
+        # requests was aborted: only then do their fenced blocks come back (an idle server keeps nothing).
+        return super().has_requests() or self.inflight_prefill is not None or bool(self._refused)
+
     def schedule(self, throttle_prefills: bool = False) -> RapidSchedulerOutput:
-        self._publish_written_blocks()
-        decode = self._schedule_lane(LaneName.DECODE, throttle_prefills)
+        decode, decode_preempted = self._schedule_lane(LaneName.DECODE, throttle_prefills)
         launch = None
-        if self.inflight_prefill is None and self._has_prefill_work():
-            prefill = self._schedule_lane(LaneName.PREFILL, throttle_prefills)
+        # vLLM admits nobody in a step that preempted; the prefill pass is where RAPID admits.
+        if self.inflight_prefill is None and not decode_preempted and self._has_prefill_work():
+            prefill, _ = self._schedule_lane(LaneName.PREFILL, throttle_prefills)
             if prefill.total_num_scheduled_tokens > 0:
                 launch = self._launch_prefill(prefill)
         step = RapidSchedulerOutput.wrap(
             decode,
-            grammar=super().get_grammar_bitmask(decode),
+            grammar=self._grammar_of(decode),
             prefill=launch,
             arm_inputs=ArmInputs.of(
                 [self.requests[i].num_computed_tokens for i in decode.num_scheduled_tokens],
@@ -130,9 +180,21 @@ class RapidScheduler(Scheduler):
             return None  # computed in schedule() and shipped with the batch
         return super().get_grammar_bitmask(scheduler_output)
 
+    def _grammar_of(self, lane_output: SchedulerOutput) -> GrammarOutput | None:
+        """The lane batch's grammar bitmask, copied: vLLM returns views of one shared buffer, so the second lane's
+        call in the same step would overwrite the first's before it ships."""
+        grammar = super().get_grammar_bitmask(lane_output)
+        if grammar is None:
+            return None
+        return dataclasses.replace(grammar, grammar_bitmask=grammar.grammar_bitmask.copy())
+
     def in_prefill_lane(self, request: Request) -> bool:
-        """A request belongs to the prefill lane while its batch is in flight or more than one token is pending."""
+        """A request belongs to the prefill lane while its batch is in flight, while any of its prompt is not computed
+        (every prompt token, so prompt logprobs and encoder inputs stay with one runner), or while more than one
+        token is pending (recomputing after a preemption)."""
         if self._is_inflight(request):
+            return True
+        if request.num_computed_tokens < request.num_prompt_tokens:
             return True
         pending = request.num_tokens_with_spec + request.num_output_placeholders - request.num_computed_tokens
         return pending > 1
@@ -140,8 +202,11 @@ class RapidScheduler(Scheduler):
     def _has_prefill_work(self) -> bool:
         return bool(self.waiting or self.kv_holding_waiting) or any(map(self.in_prefill_lane, self.running))
 
-    def _schedule_lane(self, lane: LaneName, throttle_prefills: bool) -> SchedulerOutput:
-        """Run vLLM's scheduling pass over one lane's requests only, then restore the shared queues."""
+    def _schedule_lane(self, lane: LaneName, throttle_prefills: bool) -> tuple[SchedulerOutput, bool]:
+        """Run vLLM's scheduling pass over one lane's requests only, then restore the shared queues.
+
+        Returns the lane's batch and whether the pass preempted anything.
+        """
         all_running = self.running
         is_decode = lane == LaneName.DECODE
         lane_reqs: list[Request] = []
@@ -151,10 +216,13 @@ class RapidScheduler(Scheduler):
         saved = (self.waiting, self.kv_holding_waiting, self.max_num_scheduled_tokens, self.max_num_active_reqs)
         self.running = lane_reqs
         self.prev_step_scheduled_req_ids = self._prev_ids_by_lane[lane]
+        self._pass = lane
         if is_decode:
             # Decode admits nobody; whatever it preempts lands in this queue and goes back to the real one.
             self.waiting = create_request_queue(self.policy)
             self.kv_holding_waiting = create_request_queue(self.policy)
+            self._other_lane = others
+            self._running_order = {id(r): i for i, r in enumerate(all_running)}
         else:
             self.max_num_scheduled_tokens = self.prefill_token_budget
             self.max_num_active_reqs = saved[3] - len(others)
@@ -163,14 +231,51 @@ class RapidScheduler(Scheduler):
         finally:
             lane_after, preempted = self.running, self.waiting
             self.waiting, self.kv_holding_waiting, self.max_num_scheduled_tokens, self.max_num_active_reqs = saved
+            self._pass, self._other_lane = None, []
             if is_decode and preempted:
-                self.waiting.prepend_requests(list(preempted))
-            kept = {id(r) for r in lane_after} | {id(r) for r in others}
+                # vLLM prepends each victim to the waiting queue as it preempts it; prepend_requests reverses.
+                self.waiting.prepend_requests(reversed(list(preempted)))
+            # Kept: the lane's requests still running after the pass, and the other lane's not preempted by it.
+            kept = {id(r) for r in lane_after} | {id(r) for r in others if r.status == RequestStatus.RUNNING}
             before = {id(r) for r in all_running}
             self.running = [r for r in all_running if id(r) in kept] + [
                 r for r in lane_after if id(r) not in before
             ]
-        return output
+        return output, bool(is_decode and preempted)
+
+    # ---- preemption across the lanes ----------------------------------------------------------------------------
+
+    def _request_blocks_can_be_freed(self, request: Request) -> bool:
+        """vLLM asks this of the victim it picked before preempting it. In the decode pass it picked among the
+        decode lane's requests only; vLLM's policy over every running request may prefer one of the prefill lane's.
+
+        * That one is not in flight: under FCFS vLLM preempts it instead (it pops the last running request next, so
+          it is placed there); under priority it is preempted here and this decode request waits a step.
+        * It is in flight: its blocks come back when its batch completes, so this decode request waits for that
+          rather than an older or higher-priority request being preempted for a newer or lower-priority one.
+        """
+        victim = self._preferred_victim(request)
+        if victim is None:
+            return super()._request_blocks_can_be_freed(request)
+        if self._is_inflight(victim):
+            return False
+        self._other_lane.remove(victim)
+        if self.policy == SchedulingPolicy.PRIORITY:
+            self._preempt_request(victim, time.monotonic())
+            return False
+        self.running.append(victim)
+        return True
+
+    def _preferred_victim(self, picked: Request) -> Request | None:
+        """The prefill-lane request vLLM's policy would preempt before ``picked`` (None: ``picked`` it is)."""
+        if self._pass != LaneName.DECODE or not self._other_lane or not any(r is picked for r in self.running):
+            return None
+        candidates = [*self.running, *self._other_lane]
+        if self.policy == SchedulingPolicy.PRIORITY:
+            victim = max(candidates, key=lambda r: (r.priority, r.arrival_time))
+        else:
+            victim = max(candidates, key=lambda r: self._running_order[id(r)])
+        return victim if any(victim is r for r in self._other_lane) else None
 
     def _pending_prefills(self) -> list[Request]:
         """Requests waiting for (the rest of) their prefill and not in the batch in flight."""
@@ -180,9 +285,21 @@ class RapidScheduler(Scheduler):
     def _launch_prefill(self, prefill: SchedulerOutput) -> PrefillLaunch:
         batch_id = self._next_batch_id
         self._next_batch_id += 1
-        self.inflight_prefill = InflightPrefill(batch_id, prefill, frozenset(prefill.num_scheduled_tokens))
+        self.inflight_prefill = InflightPrefill(
+            batch_id, prefill, frozenset(prefill.num_scheduled_tokens), self._blocks_written_by(prefill)
+        )
         # First tokens of structured-output requests are sampled on the prefill lane: ship their bitmask along.
-        return PrefillLaunch(batch_id, prefill, super().get_grammar_bitmask(prefill))
+        return PrefillLaunch(batch_id, prefill, self._grammar_of(prefill))
+
+    def _blocks_written_by(self, batch: SchedulerOutput) -> frozenset[int]:
+        """Block ids that ``batch`` writes KV into (from each request's first newly computed token on)."""
+        written: set[int] = set()
+        groups = self.kv_cache_config.kv_cache_groups
+        for req_id, num_tokens in batch.num_scheduled_tokens.items():
+            start = self.requests[req_id].num_computed_tokens - num_tokens  # computed already counts the batch
+            for group, block_ids in zip(groups, self.kv_cache_manager.get_block_ids(req_id)):
+                written.update(block_ids[start // group.kv_cache_spec.block_size:])
+        return frozenset(written)
 
     def _is_inflight(self, request: Request) -> bool:
         return self.inflight_prefill is not None and request.request_id in self.inflight_prefill.req_ids
@@ -218,6 +335,12 @@ class RapidScheduler(Scheduler):
             arm=model_runner_output.arm_state,
         )
         self._remember_decode_step(scheduler_output, model_runner_output)
+        if model_runner_output.decode_error is None:
+            self._publish_decode_blocks(scheduler_output)
+        if self._refused:
+            refused, self._refused = self._refused, {}
+            for req_id, reason in refused.items():
+                prefill_outputs = _merge_outputs(prefill_outputs, self._fail_requests([req_id], reason))
         if model_runner_output.finished_prefill is not None:
             prefill_outputs = self._complete_prefill(model_runner_output.finished_prefill)
         if (decode_error := model_runner_output.decode_error) is not None:
@@ -226,6 +349,13 @@ class RapidScheduler(Scheduler):
             prefill_outputs = _merge_outputs(prefill_outputs, failed)
         decode_outputs = super().update_from_output(scheduler_output, model_runner_output)
         return _merge_outputs(prefill_outputs, decode_outputs)
+
+    def _publish_decode_blocks(self, step: SchedulerOutput) -> None:
+        """The decode step has written its KV: publish the blocks it filled (before vLLM frees finished requests,
+        so a request's last block reaches the prefix cache too)."""
+        for req_id in step.num_scheduled_tokens:
+            if (request := self.requests.get(req_id)) is not None:
+                self.kv_cache_manager.cache_blocks(request, request.num_computed_tokens)
 
     def _remember_decode_step(self, step: SchedulerOutput, output: RapidModelRunnerOutput) -> None:
         """Keep the decode step the output rank measured, for every rank's ARM at the next step."""
@@ -249,6 +379,7 @@ class RapidScheduler(Scheduler):
             )
         self._last_completed_prefill = batch.batch_id
         if result.error is not None or result.output is None:
+            self.kv_cache_manager.evict_blocks(set(batch.written_blocks))  # published unwritten: out of the cache
             self._release(batch)  # before failing its requests, so their blocks are freed at once
             return self._fail_requests(batch.req_ids, result.error or "the prefill batch returned no output")
         self._step_stats.prefill_batch_ms = result.elapsed_ms
@@ -259,17 +390,31 @@ class RapidScheduler(Scheduler):
         finally:
             self._suppress_stats = False
         self._release(batch)
-        for req_id in batch.req_ids:
-            request = self.requests.get(req_id)
-            if request is not None and request.status == RequestStatus.RUNNING:
-                self.kv_cache_manager.cache_blocks(request, request.num_computed_tokens)
         return outputs
 
     def _release(self, batch: InflightPrefill) -> None:
-        """The prefill lane is done with ``batch``: free the blocks whose frees it fenced."""
+        """The prefill lane is done with ``batch``: free the blocks whose frees it fenced, then run a prefix-cache
+        reset that waited for it (before any new admission: only the prefill pass admits, with the lane idle)."""
         self.inflight_prefill = None
         for request in batch.fenced_frees:
             self.kv_cache_manager.free(request)
+        if (reset_connector := self._reset_prefix_cache_after_batch) is not None:
+            self._reset_prefix_cache_after_batch = None
+            super().reset_prefix_cache(reset_running_requests=False, reset_connector=reset_connector)
+
+    def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
+        if reset_running_requests:
+            for ids in self._prev_ids_by_lane.values():
+                ids.clear()  # the runners flush every request: none counts as scheduled in the previous step
+        if not (reset_running_requests and self.inflight_prefill is not None):
+            return super().reset_prefix_cache(reset_running_requests, reset_connector)
+        # The prefill lane still writes its batch's blocks, whose frees are fenced: preempt everything now (as vLLM
+        # does) and reset the cache the moment the batch completes.
+        timestamp = time.monotonic()
+        while self.running:
+            self._preempt_request(self.running.pop(), timestamp, drop_stale_output=True)
+        self._reset_prefix_cache_after_batch = reset_connector
+        return True
 
     def _fail_requests(self, req_ids: Iterable[str], error: str) -> dict[int, EngineCoreOutputs]:
         """Finish a failed lane batch's requests with an error (HTTP 500 to their clients) and free their blocks."""
@@ -310,12 +455,6 @@ class RapidScheduler(Scheduler):
 
     # ---- KV fences --------------------------------------------------------------------------------------------
 
-    def _publish_written_blocks(self) -> None:
-        """Publish the blocks whose KV the lanes have written: every computed token of a request not in flight."""
-        for request in self.running:
-            if not self._is_inflight(request):
-                self.kv_cache_manager.cache_blocks(request, request.num_computed_tokens)
-
     def _free_request_blocks(self, request: Request) -> None:
         if self.inflight_prefill is not None and self._is_inflight(request):
             self.inflight_prefill.fenced_frees.append(request)  # the prefill lane may still write them
@@ -326,7 +465,11 @@ class RapidScheduler(Scheduler):
 def _merge_outputs(
     first: dict[int, EngineCoreOutputs], second: dict[int, EngineCoreOutputs]
 ) -> dict[int, EngineCoreOutputs]:
-    """Concatenate two steps' per-client outputs; the second carries the step's stats."""
+    """Concatenate two steps' per-client outputs; the second carries the step's stats.
+
+    vLLM gives the stats to client 0 when it has no output for any client; if the first part has outputs, the
+    stats ride with those instead of in a message of their own, as in vLLM's single update.
+    """
     for client, early in first.items():
         late = second.get(client)
         if late is None:
@@ -335,4 +478,8 @@ def _merge_outputs(
         late.outputs = early.outputs + late.outputs
         if early.finished_requests:
             late.finished_requests = early.finished_requests | (late.finished_requests or set())
+    alone = [c for c, o in second.items() if o.scheduler_stats is not None and not o.outputs and not o.finished_requests]
+    if alone and len(second) > 1:
+        stats = second.pop(alone[0]).scheduler_stats
+        next(iter(second.values())).scheduler_stats = stats
     return second

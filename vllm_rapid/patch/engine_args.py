@@ -191,6 +191,9 @@ def check_rapid_config(config: Any) -> None:
         "multimodal models": bool(config.model_config.is_multimodal_model),
         "hybrid (Mamba) models": bool(getattr(config.model_config, "is_hybrid", False)),
         "pooling models": config.model_config.runner_type == "pooling",
+        "routed-experts output (--enable-return-routed-experts)": bool(
+            getattr(getattr(config, "aux_output_config", None), "enable_return_routed_experts", False)
+        ),
     }
     refused = [name for name, hit in unsupported.items() if hit]
     if refused:

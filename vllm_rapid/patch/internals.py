@@ -49,8 +49,18 @@ INTERNALS: tuple[Internal, ...] = (
     # The scheduler runs vLLM's own pass once per lane over swapped queues and budgets.
     Internal(E, _SCHED, assigns=("running", "waiting", "kv_holding_waiting", "max_num_scheduled_tokens",
                                  "max_num_active_reqs", "prev_step_scheduled_req_ids", "policy", "requests",
-                                 "kv_cache_manager", "finished_req_ids", "structured_output_manager")),
-    Internal(E, _SCHED, "schedule", params=("throttle_prefills",)),
+                                 "kv_cache_manager", "finished_req_ids", "structured_output_manager",
+                                 "kv_cache_config")),
+    # Cross-lane preemption: vLLM asks _request_blocks_can_be_freed of the victim it picked before preempting it.
+    Internal(E, _SCHED, "schedule", params=("throttle_prefills",), uses=("_request_blocks_can_be_freed",
+                                                                         "_preempt_request")),
+    Internal(E, _SCHED, "_request_blocks_can_be_freed", params=("request",)),
+    Internal(E, _SCHED, "_preempt_request", params=("request", "timestamp", "drop_stale_output")),
+    Internal(E, _SCHED, "reset_prefix_cache", params=("reset_running_requests", "reset_connector")),
+    Internal(E, _SCHED, "has_requests"),
+    Internal(E, _SCHED, "add_request", params=("request",)),
+    Internal(E, _KV, "evict_blocks", params=("block_ids",)),
+    Internal(E, _KV, "get_block_ids", params=("request_id",)),
     Internal(E, _SCHED, "update_from_output", params=("scheduler_output", "model_runner_output"),
              uses=("make_stats",)),  # registry: one-stats-record-per-step
     Internal(E, _SCHED, "get_grammar_bitmask", params=("scheduler_output",)),
@@ -61,6 +71,7 @@ INTERNALS: tuple[Internal, ...] = (
     Internal(E, _KV, "cache_blocks", params=("request", "num_computed_tokens")),
     Internal(E, _KV, "free", params=("request",)),
     Internal(E, "vllm.v1.core.sched.request_queue:create_request_queue"),
+    Internal(E, "vllm.v1.engine.core:compute_iteration_details"),
     Internal(E, "vllm.v1.core.sched.request_queue:RequestQueue", "prepend_requests"),
     # The worker builds a second runner of the platform's class and moves request state between the two.
     Internal(W, _RUNNER, "execute_model", params=("scheduler_output",)),
@@ -82,6 +93,9 @@ INTERNALS: tuple[Internal, ...] = (
              params=("group_ranks", "local_rank", "backend", "group_name")),
     Internal(C, "vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl", "forward"),
     Internal(C, "vllm._custom_ops:_supports_onednn"),
+    Internal(C, _RUNNER, assigns=("discard_request_mask",)),
+    Internal(C, "vllm.v1.worker.gpu_input_batch:InputBatch", assigns=("generators",)),
+    Internal(C, "vllm.v1.worker.gpu_input_batch:InputBatch", "num_reqs"),
 )
 
 

@@ -99,9 +99,11 @@ PATCHES: tuple[Patch, ...] = (
     Patch(
         name="deferred-prefix-cache-publication",
         stage=Stage.ENGINE_CORE,
-        target="the RAPID scheduler's KVCacheManager.allocate_slots (instance): always delay_cache_blocks=True",
-        why="vLLM publishes full blocks to the prefix cache when it schedules them; with two lanes a request "
-        "could be admitted onto KV another lane is still writing. RAPID publishes blocks once written",
+        target="the RAPID scheduler's KVCacheManager.allocate_slots (instance): delay_cache_blocks=True in the "
+        "decode pass",
+        why="vLLM publishes full blocks to the prefix cache when it schedules them; a request admitted by the "
+        "prefill pass could then hit a block the decode lane is still writing. The decode pass's blocks are "
+        "published once its step has written them",
         until="vLLM's KV-cache manager can publish blocks when a step's writes complete",
         applied_by="vllm_rapid.patch.kv_publication:defer_prefix_cache_publication",
     ),
@@ -114,6 +116,15 @@ PATCHES: tuple[Patch, ...] = (
         "counters), as with vLLM's own scheduler",
         until="the prefill batch's results go through update_from_output in the same call as the decode batch's",
         applied_by="vllm_rapid.core.scheduler:RapidScheduler.make_stats",
+    ),
+    Patch(
+        name="iteration-details-count-prefill",
+        stage=Stage.ENGINE_CORE,
+        target="vllm.v1.engine.core.compute_iteration_details (the engine core's binding, wrapped)",
+        why="with --enable-logging-iteration-details vLLM counts a step's SchedulerOutput, which for RAPID is the "
+        "decode batch; the prefill batch the step launches rides beside it",
+        until="vLLM asks the scheduler for a step's iteration details",
+        applied_by="vllm_rapid.patch.iteration_details:count_prefill_launches",
     ),
     Patch(
         name="thread-local-forward-context",
@@ -163,6 +174,16 @@ PATCHES: tuple[Patch, ...] = (
         "one layer corrupt the heap. torch's own linear is thread-safe",
         until="vLLM's oneDNN handler is thread-safe",
         applied_by="vllm_rapid.patch.cpu_kernels:use_thread_safe_cpu_kernels",
+    ),
+    Patch(
+        name="cpu-seeded-chunked-prompts",
+        stage=Stage.CPU_WORKER,
+        target="GPUModelRunner.input_batch.generators during sample_tokens (per step): the generators of requests "
+        "whose sample is discarded are held out",
+        why="vLLM rewinds a discarded sample's generator by its offset, which CPU generators lack, failing the "
+        "batch; RAPID seeds every random-sampling request, so every long prompt would fail on CPU",
+        until="vLLM's CPU runner rewinds generators without offsets",
+        applied_by="vllm_rapid.patch.cpu_sampling:spare_generators_of_discarded_samples",
     ),
     Patch(
         name="cpu-attention-one-lane-at-a-time",

@@ -23,11 +23,21 @@ class LaneStates:
         self.decode_runner = decode_runner
         self.prefill_runner = prefill_runner
         self.parked: dict[str, Any] = {}
+        # The requests of the prefill batch in flight (from its launch to its park or drop), and those of them that
+        # finished meanwhile: their states are dropped, not parked, when the batch is done.
+        self._in_flight: set[str] = set()
         self._finished_in_flight: set[str] = set()
+
+    def launch(self, output: SchedulerOutput) -> None:
+        """Before the prefill runner runs the batch ``output`` on its lane: claim its states, and mark its requests
+        in flight (the lane thread creates new requests' states only when it starts the batch)."""
+        self.claim(self.prefill_runner, output)
+        self._in_flight = set(output.num_scheduled_tokens)
 
     def park(self, req_ids: Iterable[str]) -> None:
         """Take a finished prefill batch's states out of the (now idle) prefill runner."""
         runner = self.prefill_runner
+        self._in_flight = set()
         for req_id in req_ids:
             state = runner.requests.pop(req_id, None)
             runner.input_batch.remove_request(req_id)
@@ -38,6 +48,8 @@ class LaneStates:
 
     def drop(self, runner: Any, req_ids: Iterable[str]) -> None:
         """Forget a failed batch's states held by the (now idle) ``runner``: its requests are failed, not parked."""
+        if runner is self.prefill_runner:
+            self._in_flight = set()
         for req_id in req_ids:
             runner.requests.pop(req_id, None)
             runner.input_batch.remove_request(req_id)
@@ -61,11 +73,10 @@ class LaneStates:
     def finish(self, req_ids: Iterable[str]) -> None:
         """Forget finished requests held outside the decode runner (which drops its own from the step output).
 
-        Between batches the prefill runner holds nothing (its states are parked), so a finished request still in it
-        belongs to the batch in flight: it is dropped when that batch is parked.
+        A finished request of the batch in flight is dropped when that batch is parked.
         """
         for req_id in req_ids:
-            if self.parked.pop(req_id, None) is None and req_id in self.prefill_runner.requests:
+            if self.parked.pop(req_id, None) is None and req_id in self._in_flight:
                 self._finished_in_flight.add(req_id)
 
     def num_states(self) -> int:

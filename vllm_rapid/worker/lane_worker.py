@@ -9,6 +9,7 @@ steps while decode steps keep completing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from concurrent import futures
@@ -25,6 +26,7 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm_rapid.config import RapidConfig
 from vllm_rapid.lanes.lane import ContextFactory, Lane, LaneFuture, LaneName
 from vllm_rapid.patch.cpu_kernels import use_thread_safe_cpu_kernels
+from vllm_rapid.patch.cpu_sampling import spare_generators_of_discarded_samples
 from vllm_rapid.patch.forward_context import apply_thread_local_forward_context
 from vllm_rapid.patch.internals import require_vllm_internals
 from vllm_rapid.patch.process import shorten_gil_switch_interval
@@ -50,7 +52,9 @@ def run_lane_step(runner: Any, scheduler_output: SchedulerOutput, grammar: Gramm
     with torch.inference_mode():  # thread-local in torch: every lane thread enters it itself
         output = runner.execute_model(scheduler_output)
         if output is None:
-            output = runner.sample_tokens(grammar)
+            on_cpu = runner.device.type == "cpu"
+            with spare_generators_of_discarded_samples(runner) if on_cpu else contextlib.nullcontext():
+                output = runner.sample_tokens(grammar)
     return output
 
 
@@ -181,7 +185,7 @@ class RapidWorker(PlatformWorker):
     def _launch_prefill(self, launch: PrefillLaunch, context: ContextFactory) -> None:
         if self._inflight is not None:
             raise RuntimeError(f"prefill batch {launch.batch_id} launched while {self._inflight.batch_id} runs")
-        self.lane_states.claim(self.prefill_runner, launch.scheduler_output)
+        self.lane_states.launch(launch.scheduler_output)
         self._inflight = launch
         self._inflight_future = self.prefill_lane.submit(
             run_lane_step, self.prefill_runner, launch.scheduler_output, launch.grammar_output,
