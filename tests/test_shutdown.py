@@ -32,10 +32,15 @@ def test_sigterm_drains_both_lanes(tiny_model, tmp_path):
         threads = [threading.Thread(target=one, args=(i,)) for i in range(9)]
         for thread in threads:
             thread.start()
-        # Wait until both lanes have work (a prefill batch in flight, a decode batch running), then ask it to stop.
-        both_busy = _wait_for(lambda: metric(server.metrics(), "vllm_rapid:prefill_inflight_requests") >= 1
-                              and metric(server.metrics(), "vllm_rapid:decode_batch_requests") >= 1, timeout_s=60)
-        assert both_busy, server.log_tail()
+        # Wait until every request is in the engine (one that arrives after SIGTERM is refused with an abort, with
+        # vLLM's own scheduler too) and both lanes have work (a prefill batch in flight, a decode batch running).
+        def all_in_and_both_lanes_busy() -> bool:
+            m = server.metrics()
+            in_engine = metric(m, "vllm:num_requests_running") + metric(m, "vllm:num_requests_waiting")
+            return (in_engine == 9 and metric(m, "vllm_rapid:prefill_inflight_requests") >= 1
+                    and metric(m, "vllm_rapid:decode_batch_requests") >= 1)
+
+        assert _wait_for(all_in_and_both_lanes_busy, timeout_s=60), server.log_tail()
         server.proc.send_signal(signal.SIGTERM)
         for thread in threads:
             thread.join(timeout=180)

@@ -7,13 +7,13 @@ same tokens as vLLM's default scheduler at the same TP size.
 from __future__ import annotations
 
 import pytest
-from test_rapid_engine import assert_idle_and_clean, prompts_of_lengths, token_ids
+from test_rapid_engine import assert_idle_and_clean, prompts_of_lengths, run_until_idle, token_ids
 from vllm import LLM, SamplingParams
 
 pytestmark = pytest.mark.slow
 
-# The long prompts take two prefill batches (4,096-token budget): the first batch's requests decode during the second.
-PROMPT_LENGTHS = [5, 40, 300, 17, 1200, 64, 800, 2500]
+# The short prompts decode while the long ones are prefilled (4,800 tokens: two prefill batches of a 4,096 budget).
+SHORT, LONG = [5, 40, 17, 64], [2500, 1200, 800, 300]
 
 
 def tp_llm(model: str, scheduler: str, **rapid_options) -> LLM:
@@ -26,7 +26,7 @@ def tp_llm(model: str, scheduler: str, **rapid_options) -> LLM:
 def test_tp2_lanes_use_their_own_communicators_and_match_default(tiny_model, monkeypatch):
     # vLLM's CPU worker binds each rank's threads to a NUMA node of its own; this machine has one.
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-    prompts = prompts_of_lengths(PROMPT_LENGTHS, seed=21)
+    prompts = prompts_of_lengths(SHORT + LONG, seed=21)
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     default = tp_llm(tiny_model, "default")
     expected = token_ids(default.generate(prompts, params, use_tqdm=False))
@@ -38,13 +38,21 @@ def test_tp2_lanes_use_their_own_communicators_and_match_default(tiny_model, mon
         assert len(groups) == 2  # one answer per rank
         for lanes in groups:
             assert lanes["decode"].startswith("tp:") and lanes["prefill"].startswith("tp_rapid_prefill:"), lanes
-        assert token_ids(rapid.generate(prompts, params, use_tqdm=False)) == expected
+        engine = rapid.llm_engine
+        for i, prompt in enumerate(prompts[:len(SHORT)]):
+            engine.add_request(str(i), prompt, params)
+        while not any(o.outputs[0].token_ids for o in engine.step()):
+            pass  # the short prompts decode from here on
+        for i, prompt in enumerate(prompts[len(SHORT):], start=len(SHORT)):
+            engine.add_request(str(i), prompt, params)
+        finished = run_until_idle(rapid)
+        assert [list(finished[str(i)].outputs[0].token_ids) for i in range(len(prompts))] == expected
         # On every rank, decode steps ran while a prefill batch ran: both communicators busy at once.
         for events in rapid.collective_rpc("rapid_lane_events"):
             prefills = [e for e in events if e["lane"] == "prefill" and e["num_tokens"] > 0]
             decodes = [e for e in events if e["lane"] == "decode" and e["num_tokens"] > 0]
             during = [d for d in decodes if any(p["start"] <= d["start"] and d["end"] <= p["end"] for p in prefills)]
-            assert len(prefills) >= 2 and during, (len(prefills), len(decodes))
+            assert prefills and during, (len(prefills), len(decodes))
         assert_idle_and_clean(rapid)
     finally:
         rapid.llm_engine.engine_core.shutdown()
