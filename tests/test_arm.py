@@ -11,12 +11,12 @@ import sys
 import pytest
 import torch
 import yaml
-
 from fake_backend import FakeBackend
-from vllm_rapid.lanes.arm import AdaptiveResourceManager, ArmInputs, ArmReason, DecodeObservation
-from vllm_rapid.lanes.step_time import DecodeProfile, DecodeSample, ProfileError, RooflineEstimate
+
 from vllm_rapid.config import RapidConfig
+from vllm_rapid.lanes.arm import AdaptiveResourceManager, ArmInputs, ArmReason, DecodeObservation
 from vllm_rapid.lanes.partition import Split
+from vllm_rapid.lanes.step_time import DecodeProfile, DecodeSample, ProfileError, RooflineEstimate
 from vllm_rapid.tools.profile import NO_GPU_EXIT_CODE, LlamaStack, ModelDims, main
 
 TOTAL = 100

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from vllm_rapid.testing.server import vllm_env
 
 pytestmark = pytest.mark.slow

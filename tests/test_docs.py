@@ -20,9 +20,9 @@ def _docstrings() -> list[tuple[str, str]]:
     found = []
     for path in (ROOT / "vllm_rapid").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                if doc := ast.get_docstring(node):
-                    found.append((f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', 1)}", doc))
+            kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+            if isinstance(node, kinds) and (doc := ast.get_docstring(node)):
+                found.append((f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', 1)}", doc))
     return found
 
 

@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import pytest
+
 from vllm_rapid.testing.server import Server, metric, parse_metrics
 
 pytestmark = pytest.mark.slow
@@ -402,6 +403,7 @@ def test_idle_and_memory_flat_after_second_load(server):
     kinds, state = _load_and_check(server, SECOND_LOAD, seed=2, n_too_long=6)
     rss_1, rss_2 = RSS["after_load_1"], tree_rss(server)
     growth = rss_2 - rss_1
-    print(f"\nload 2: {dict(kinds)}; engine: {state}; peaks: {PEAKS}; RSS {rss_1 / 2**20:.0f} -> {rss_2 / 2**20:.0f} MiB")
+    print(f"\nload 2: {dict(kinds)}; engine: {state}; peaks: {PEAKS}; "
+          f"RSS {rss_1 / 2**20:.0f} -> {rss_2 / 2**20:.0f} MiB")
     assert growth < 0.10 * rss_1 or growth < 200 * 2**20, (
         f"server process tree RSS grew {growth / 2**20:.0f} MiB ({rss_1 / 2**20:.0f} -> {rss_2 / 2**20:.0f} MiB)")

@@ -43,7 +43,8 @@ def test_names_are_unique_and_every_upstream_diff_is_claimed_once():
 
 
 def test_every_patch_module_is_named_by_an_entry():
-    applied = {p.applied_by.split(":")[0].rsplit(".", 1)[-1] for p in PATCHES if p.applied_by.startswith("vllm_rapid.patch.")}
+    applied = {p.applied_by.split(":")[0].rsplit(".", 1)[-1] for p in PATCHES
+               if p.applied_by.startswith("vllm_rapid.patch.")}
     modules = {f.stem for f in (PACKAGE / "patch").glob("*.py")} - PATCH_INFRASTRUCTURE
     assert modules == applied
 
@@ -112,7 +113,7 @@ def _own_attribute(target: ast.expr) -> bool:
 def test_no_module_outside_patch_changes_vllm_or_process_wide_state():
     outside = [f for f in PACKAGE.rglob("*.py") if "patch" not in f.relative_to(PACKAGE).parts]
     changes = [change for f in outside for change in _changes_in(f)]
-    assert not changes, "declare these in vllm_rapid/patch/registry.py and move them into patch/:\n" + "\n".join(changes)
+    assert not changes, "declare in vllm_rapid/patch/registry.py and move into patch/:\n" + "\n".join(changes)
 
 
 def test_the_scan_sees_the_patches_that_patch_modules_make():

@@ -508,12 +508,12 @@ def priority_pair() -> list[Request]:
 def test_decode_preemption_picks_the_lowest_priority_victim_of_either_lane():
     """When h needs a block, l holds the rest, between two of its chunks (not in flight): vLLM preempts l."""
     reference = StepDriver(make_vllm_scheduler(PRIORITY_SETUP))
-    h, l = priority_pair()
-    reference.run_until_idle({0: [h, l]})
-    assert (h.num_preemptions, l.num_preemptions) == (0, 1)
+    h, low = priority_pair()
+    reference.run_until_idle({0: [h, low]})
+    assert (h.num_preemptions, low.num_preemptions) == (0, 1)
     driver = LaneDriver(make_scheduler(PRIORITY_SETUP), prefill_steps=2)
-    h, l = priority_pair()
-    driver.run_until_idle({0: [h, l]})
+    h, low = priority_pair()
+    driver.run_until_idle({0: [h, low]})
     assert driver.tokens == reference.tokens
     assert h.num_preemptions == 0
     assert_idle_and_clean(driver)

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from vllm_rapid.testing.server import HOST, Server, metric, vllm_env
 
 pytestmark = pytest.mark.slow

@@ -7,6 +7,7 @@ import signal
 import threading
 
 import pytest
+
 from vllm_rapid.testing.server import Server, metric
 
 pytestmark = pytest.mark.slow

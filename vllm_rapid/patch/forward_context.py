@@ -11,7 +11,7 @@ templates are never called here: their code runs as vLLM's functions, with vLLM'
 from __future__ import annotations
 
 import threading
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 from vllm_rapid.patch.versions import replace_function_code
@@ -49,7 +49,7 @@ def apply_thread_local_forward_context() -> bool:
 
     if getattr(fc, "_forward_context_tls", None) is _forward_context_tls:
         return False
-    replacements = {
+    replacements: dict[Callable[..., Any], Callable[..., Any]] = {
         fc.get_forward_context: _template_get_forward_context,
         fc.is_forward_context_available: _template_is_forward_context_available,
         fc.override_forward_context.__wrapped__: _template_override_forward_context,

@@ -10,7 +10,6 @@ with the one extra field, so the scheduler, the engine-core output type and the 
 from __future__ import annotations
 
 import dataclasses
-from types import ModuleType
 from typing import Any
 
 from vllm_rapid.patch.versions import is_supported_vllm
@@ -22,7 +21,7 @@ def has_plugin_stats(stats_class: type) -> bool:
     return FIELD in {f.name for f in dataclasses.fields(stats_class)}
 
 
-def patch_scheduler_stats(module: ModuleType) -> None:
+def patch_scheduler_stats(module: Any) -> None:
     """Rebind ``module.SchedulerStats`` (``vllm.v1.metrics.stats``) to a subclass with ``plugin_stats``."""
     base = module.SchedulerStats
     if has_plugin_stats(base):

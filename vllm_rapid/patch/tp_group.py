@@ -33,8 +33,8 @@ def _template_get_tp_group() -> Any:
     group = getattr(_tp_override_tls, "group", None)
     if group is not None:
         return group
-    assert _TP is not None, "tensor model parallel group is not initialized"  # noqa: F821 (parallel_state's)
-    return _TP  # noqa: F821
+    assert _TP is not None, "tensor model parallel group is not initialized"  # type: ignore[name-defined] # noqa: F821
+    return _TP  # type: ignore[name-defined] # noqa: F821 (parallel_state's)
 
 
 class _LaneAwareGroupRegistry(dict):

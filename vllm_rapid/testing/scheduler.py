@@ -15,9 +15,9 @@ import dataclasses
 import functools
 import itertools
 import random
-import time
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path

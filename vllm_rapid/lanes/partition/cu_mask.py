@@ -138,18 +138,19 @@ class _HipStreams:
                 raise CuMaskError(f"hipExtStreamCreateWithCUMask failed: {err}")
             self._streams.append(stream)
             return int(stream)
+        assert self._lib is not None
         stream = ctypes.c_void_p()
         rc = self._lib.hipExtStreamCreateWithCUMask(ctypes.byref(stream), ctypes.c_uint32(len(words)), mask)
         if rc != 0:
             raise CuMaskError(f"hipExtStreamCreateWithCUMask failed: hipError {rc}")
         self._streams.append(stream)
-        return int(stream.value)
+        return int(stream.value or 0)
 
     def destroy_all(self) -> None:
         for stream in reversed(self._streams):
             if self._hip is not None:
                 self._hip.hipStreamDestroy(stream)
-            else:
+            elif self._lib is not None:
                 self._lib.hipStreamDestroy(stream)
         self._streams.clear()
 
