@@ -4,6 +4,11 @@ Each partition pair comes from ONE ``cuDevSmResourceSplitByCount`` call: decode 
 remainder. Two separate creations would overlap (torch's ``GreenContext.create`` called twice does), which defeats
 the point. Pairs are pre-created at start-up (about 3 ms each) and torch runs on them through
 ``torch.cuda.ExternalStream``. ``cuda.bindings`` is imported lazily so the package imports without it.
+
+Some of the recipe's calls (``cuCtxGetStreamPriorityRange``) need a current context, and in a fresh process there is
+none: ``torch.cuda.init()`` and ``torch.cuda.set_device()`` do not make one current (pytorch#155668), so the call
+fails with CUDA_ERROR_INVALID_CONTEXT. The backend retains the device's primary context (the one torch's runtime
+uses), makes it current on the constructing thread, and releases it when it closes.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ logger = logging.getLogger(__name__)
 SM_GRANULARITY = 8
 FINE_SM_GRANULARITY = 2
 _IGNORE_COSCHEDULING = "CU_DEV_SM_RESOURCE_SPLIT_IGNORE_SM_COSCHEDULING"
+# The enum holding that flag: cuda-bindings 13.x names it after the call, 12.x did not.
+SPLIT_FLAG_ENUMS = ("CUdevSmResourceSplitByCount_flags", "CUdevSmResourceSplit_flags")
 
 
 class GreenContextError(RuntimeError):
@@ -42,21 +49,23 @@ class GreenContextBackend(PartitionBackend):
 
         self._driver = driver
         self._owned: list[tuple[Any, Any]] = []  # (green context, stream) pairs, destroyed by close()
+        self._primary_device: Any = None  # the device whose primary context this backend holds
         torch.cuda.init()
         torch.cuda.set_device(device_index)
         _check(driver, driver.cuInit(0), "cuInit")
         device = _check(driver, driver.cuDeviceGet(device_index), "cuDeviceGet")
-        whole = _check(
-            driver,
-            driver.cuDeviceGetDevResource(device, driver.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM),
-            "cuDeviceGetDevResource",
-        )
-        super().__init__(int(whole.sm.smCount))
-        ignore = getattr(driver.CUdevSmResourceSplit_flags, _IGNORE_COSCHEDULING, None) if fine_grained else None
-        flags = 0 if ignore is None else int(ignore)
-        granularity = SM_GRANULARITY if ignore is None else FINE_SM_GRANULARITY
-        least, greatest = _check(driver, driver.cuCtxGetStreamPriorityRange(), "cuCtxGetStreamPriorityRange")
+        primary = _check(driver, driver.cuDevicePrimaryCtxRetain(device), "cuDevicePrimaryCtxRetain")
+        self._primary_device = device
         try:
+            _check(driver, driver.cuCtxSetCurrent(primary), "cuCtxSetCurrent")
+            whole = _check(
+                driver,
+                driver.cuDeviceGetDevResource(device, driver.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM),
+                "cuDeviceGetDevResource",
+            )
+            super().__init__(int(whole.sm.smCount))
+            flags, granularity = split_flags(driver, fine_grained)
+            least, greatest = _check(driver, driver.cuCtxGetStreamPriorityRange(), "cuCtxGetStreamPriorityRange")
             for sms in plan_decode_units(self.total_units, granularity, decode_sms):
                 groups, _, remainder = _check(
                     driver, driver.cuDevSmResourceSplitByCount(1, whole, flags, sms), "cuDevSmResourceSplitByCount"
@@ -69,7 +78,7 @@ class GreenContextBackend(PartitionBackend):
                 self._register(split, decode, prefill)
             self._register(self.full_split(), *whole_device_stream_contexts(device_index))
         except BaseException:
-            self.close()
+            self._release()
             raise
         logger.info(
             "green_context: %d SMs, granularity %d, splits %s",
@@ -98,19 +107,50 @@ class GreenContextBackend(PartitionBackend):
         return functools.partial(torch.cuda.stream, torch.cuda.ExternalStream(int(stream), device=device_index))
 
     def close(self) -> None:
+        """Release the streams and contexts; CUDA graphs captured on them must be destroyed first."""
         self._contexts.clear()
+        self._release()
+
+    def _release(self) -> None:
+        """Each stream before its green context, the primary context last; a failure is logged, the rest still
+        released."""
+        driver = self._driver
         for green, stream in reversed(self._owned):
-            self._driver.cuStreamDestroy(stream)
-            self._driver.cuGreenCtxDestroy(green)
+            _log_failure(driver, driver.cuStreamDestroy(stream), "cuStreamDestroy")
+            _log_failure(driver, driver.cuGreenCtxDestroy(green), "cuGreenCtxDestroy")
         self._owned.clear()
+        if self._primary_device is not None:
+            _log_failure(driver, driver.cuDevicePrimaryCtxRelease(self._primary_device), "cuDevicePrimaryCtxRelease")
+            self._primary_device = None
+
+
+def split_flags(driver: Any, fine_grained: bool) -> tuple[int, int]:
+    """(flags, SM granularity) for ``cuDevSmResourceSplitByCount``; fine granularity needs the co-scheduling flag,
+    under whichever enum name this cuda-bindings uses."""
+    if not fine_grained:
+        return 0, SM_GRANULARITY
+    for enum_name in SPLIT_FLAG_ENUMS:
+        flag = getattr(getattr(driver, enum_name, None), _IGNORE_COSCHEDULING, None)
+        if flag is not None:
+            return int(flag), FINE_SM_GRANULARITY
+    raise GreenContextError(f"fine_grained: cuda.bindings has no {_IGNORE_COSCHEDULING} in {list(SPLIT_FLAG_ENUMS)}")
+
+
+def _error_name(driver: Any, err: Any) -> str:
+    name = driver.cuGetErrorName(err)[1]
+    return name.decode() if isinstance(name, bytes) else str(name)
 
 
 def _check(driver: Any, result: tuple, call: str) -> Any:
     """Unwrap a ``cuda.bindings`` result tuple ``(CUresult, *values)``; raise with the driver's error name."""
     err, *values = result
     if err != driver.CUresult.CUDA_SUCCESS:
-        name = driver.cuGetErrorName(err)[1]
-        raise GreenContextError(f"{call} failed: {name.decode() if isinstance(name, bytes) else name}")
+        raise GreenContextError(f"{call} failed: {_error_name(driver, err)}")
     if not values:
         return None
     return values[0] if len(values) == 1 else tuple(values)
+
+
+def _log_failure(driver: Any, result: tuple, call: str) -> None:
+    if result[0] != driver.CUresult.CUDA_SUCCESS:
+        logger.warning("green_context: %s failed while closing: %s", call, _error_name(driver, result[0]))
