@@ -85,7 +85,7 @@ def main() -> None:
     for scheduler in ("default", "rapid"):
         done = subprocess.run([sys.executable, "-m", "benchmarks.lane_overlap", "--scheduler", scheduler,
                                "--chunk", str(args.chunk)], capture_output=True, text=True, check=True)
-        results.append(json.loads(next(l for l in done.stdout.splitlines() if l.startswith("RESULT "))[7:]))
+        results.append(json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:]))
     report = {"command": shlex.join(["python", "-m", "benchmarks.lane_overlap", *sys.argv[1:]]),
               "machine": cpu_name(), "cpus": os.cpu_count(),
               "model": "tiny random Llama, 4 layers, hidden 256, fp32", "results": results}

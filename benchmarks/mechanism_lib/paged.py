@@ -57,11 +57,13 @@ def paged_decode_attention(q: Any, k: Any, v: Any, block_tables: Any, seq_lens: 
 
 
 def torch_paged_decode_attention(q: Any, k: Any, v: Any, block_tables: Any, seq_lens: Any, block_size: int) -> Any:
-    """Reference: gather every sequence's blocks (padded to the table's width), mask past its length."""
+    """Reference: gather every sequence's blocks (padded to the table's width), mask past its length. A row with no
+    tokens (``seq_len`` 0, a padded row) attends to nothing and yields zeros, as the Triton kernel does."""
     pos = torch.arange(block_tables.shape[1] * block_size, device=q.device)
     slots = block_tables.long()[:, pos // block_size] * block_size + pos % block_size  # [batch, context]
     keys, values = (z[slots].transpose(1, 2) for z in (k, v))  # [batch, kv_heads, context, hd]
-    return gqa_decode_attention(q, keys, values, pos[None, :] < seq_lens[:, None])
+    out = gqa_decode_attention(q, keys, values, pos[None, :] < seq_lens[:, None])
+    return torch.where((seq_lens > 0)[:, None, None], out, 0.0)
 
 
 def _triton_decode(q: Any, k: Any, v: Any, block_tables: Any, seq_lens: Any, block_size: int) -> Any:
@@ -102,7 +104,7 @@ def _triton_kernel() -> Any:
         q_offsets = q_rows[:, None] * HEAD_DIM + dims[None, :]
         q = tl.load(q_ptr + q_offsets, mask=(rows < GROUP)[:, None], other=0.0)
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-        l = tl.zeros([GROUP_PAD], tl.float32)
+        norm = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
         for start in range(0, seq_len, TILE):
             pos = start + tl.arange(0, TILE)
@@ -116,11 +118,12 @@ def _triton_kernel() -> Any:
             m_new = tl.maximum(m, tl.max(scores, 1))
             p = tl.exp(scores - m_new[:, None])
             alpha = tl.exp(m - m_new)
-            l = l * alpha + tl.sum(p, 1)
+            norm = norm * alpha + tl.sum(p, 1)
             values = tl.load(v_ptr + kv_offsets, mask=valid[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values)
             m = m_new
-        out = acc / l[:, None]
+        # A row with no tokens (seq_len 0) never enters the loop: norm stays 0, and 0/0 would store NaN.
+        out = acc / tl.where(norm > 0, norm, 1.0)[:, None]
         tl.store(out_ptr + q_offsets, out.to(out_ptr.dtype.element_ty), mask=(rows < GROUP)[:, None])
 
     return kernel
