@@ -329,19 +329,22 @@ def test_llama_stack_shapes_on_cpu():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_profile_on_gpu_writes_a_table_the_arm_reads(tmp_path):
+    """Strict: on green contexts (asked for explicitly, so a fallback fails), recorded in the table."""
     out = tmp_path / "profile.yaml"
     code = main([
         "profile", "--num-layers", "2", "--batch-sizes", "1,16", "--context-lens", "512", "--prefill-tokens", "512",
-        "--iters", "3", "--output", str(out),
+        "--iters", "3", "--backend", "green_context", "--output", str(out),
     ])
     assert code == 0
     profile = DecodeProfile.load(out)
+    assert profile.backend == "green_context"
     from vllm_rapid.lanes.partition import create_partition_backend
 
-    backend = create_partition_backend("auto", "cuda")
+    backend = create_partition_backend("green_context", "cuda")
     try:
         assert {s.decode_units for s in profile.decode} == {s.decode_units for s in backend.splits()}
         arm = AdaptiveResourceManager(RapidConfig(profile_path=str(out)), backend)
-        assert arm.decide(16, 512, 10.0, True).split in backend.splits()
+        assert arm.decide(ArmInputs(16, 512, 10.0, True)).split in backend.splits()
     finally:
+        torch.cuda.synchronize()
         backend.close()

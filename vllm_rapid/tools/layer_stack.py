@@ -7,8 +7,10 @@ attends over a contiguous cache, the benchmark over a paged one. Imports nothing
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,15 +162,46 @@ def causal_attention(q: Any, k: Any, v: Any, past: int = 0) -> Any:
     return out[0].transpose(0, 1)
 
 
+_gc_frozen_depth = 0
+
+
+@contextlib.contextmanager
+def frozen_gc() -> Iterator[None]:
+    """Collect once, then keep the collector away from every existing object until the outermost exit.
+
+    Since torch 2.9 ``torch.cuda.graph`` no longer collects before a capture, so a collection can start in the
+    middle of one: it walks every object (slow, once per graph) and runs finalizers that may make CUDA calls a
+    capturing stream forbids. vLLM freezes the collector around its captures too. Nested uses collect only once.
+    """
+    global _gc_frozen_depth
+    if _gc_frozen_depth == 0:
+        gc.collect()
+        gc.freeze()
+    _gc_frozen_depth += 1
+    try:
+        yield
+    finally:
+        _gc_frozen_depth -= 1
+        if _gc_frozen_depth == 0:
+            gc.unfreeze()
+
+
 def capture_graph(fn: Callable[[], Any], context: ContextFactory, pool: Any = None) -> Any:
-    """A CUDA graph of ``fn`` captured on the lane stream of ``context`` (so it stays on that partition)."""
+    """A CUDA graph of ``fn`` captured on the lane stream of ``context`` (so it stays on that partition).
+
+    The caller owns the graph and must ``reset()`` it (or drop it) before the partition backend closes: a graph
+    outliving the green context it was captured on would be destroyed after its context.
+    """
     import torch
 
+    # Weights, caches and inputs were made on the default stream, and a non-blocking lane stream does not wait for
+    # it: without this the warm-up could read them before they are written.
+    torch.cuda.synchronize()
     with context():
         stream = torch.cuda.current_stream()
         fn()  # warm-up on the same stream: library handles, kernel selection, Triton compiles
         stream.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool, stream=stream):
+        with frozen_gc(), torch.cuda.graph(graph, pool=pool, stream=stream):
             fn()
     return graph

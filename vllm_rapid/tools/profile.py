@@ -15,10 +15,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from vllm_rapid.lanes.step_time import DecodeProfile, DecodeSample
 from vllm_rapid.lanes.lane import ContextFactory
-from vllm_rapid.tools.layer_stack import LlamaStack, ModelDims, capture_graph
 from vllm_rapid.lanes.partition import PartitionBackend, create_partition_backend
+from vllm_rapid.lanes.step_time import DecodeProfile, DecodeSample
+from vllm_rapid.tools.layer_stack import LlamaStack, ModelDims, capture_graph
 
 logger = logging.getLogger(__name__)
 
@@ -57,24 +57,37 @@ def profile_backend(
     for split in backend.splits():
         decode_ctx, prefill_ctx = backend.lane_contexts(split)
         prefill = capture_graph(lambda: stack.prefill(prompt), prefill_ctx)
-        start, end = _time_replays(prefill, prefill_ctx, iters)
-        torch.cuda.synchronize()
-        prefill_ms = start.elapsed_time(end) / iters  # sizes the prefill backlog of each decode measurement
-        print(f"{split.label}: prefill {prefill_tokens * 1e3 / prefill_ms:,.0f} tok/s on {split.prefill_units} units")
-        for batch in batch_sizes:
-            for context in context_lens:
-                kv_bytes = 2 * batch * context * d.num_kv_heads * d.head_dim * dtype.itemsize
-                if kv_bytes > max_kv_bytes:
-                    print(f"{split.label}: skip batch={batch} context={context} (KV {kv_bytes / 2**30:.1f} GiB)")
-                    continue
-                step_ms = _decode_under_prefill(
-                    stack, batch, context, decode_ctx, prefill, prefill_ctx, prefill_ms, iters
-                )
-                decode_samples.append(DecodeSample(batch, context, split.decode_units, step_ms))
-                print(f"{split.label}: decode batch={batch} context={context}: {step_ms:.2f} ms")
+        try:
+            start, end = _time_replays(prefill, prefill_ctx, iters)
+            torch.cuda.synchronize()
+            prefill_ms = start.elapsed_time(end) / iters  # sizes the prefill backlog of each decode measurement
+            print(f"{split.label}: prefill {prefill_tokens * 1e3 / prefill_ms:,.0f} tok/s on {split.prefill_units} "
+                  "units")
+            for batch in batch_sizes:
+                for context in context_lens:
+                    kv_bytes = 2 * batch * context * d.num_kv_heads * d.head_dim * dtype.itemsize
+                    if kv_bytes > max_kv_bytes:
+                        print(f"{split.label}: skip batch={batch} context={context} (KV {kv_bytes / 2**30:.1f} GiB)")
+                        continue
+                    step_ms = _decode_under_prefill(
+                        stack, batch, context, decode_ctx, prefill, prefill_ctx, prefill_ms, iters
+                    )
+                    decode_samples.append(DecodeSample(batch, context, split.decode_units, step_ms))
+                    print(f"{split.label}: decode batch={batch} context={context}: {step_ms:.2f} ms")
+        finally:
+            _release(prefill)
     return DecodeProfile(
         backend.total_units, decode_samples, torch.cuda.get_device_name(device), d.describe(), backend.name
     )
+
+
+def _release(graph: Any) -> None:
+    """Destroy a graph now, after its work: a graph must not outlive the green context it was captured on (a
+    traceback holding the frame would keep it past ``backend.close()``)."""
+    import torch
+
+    torch.cuda.synchronize()
+    graph.reset()
 
 
 def _decode_under_prefill(
@@ -95,14 +108,17 @@ def _decode_under_prefill(
     k_cache = torch.randn(batch, d.num_kv_heads, context, d.head_dim, device=device, dtype=dtype)
     v_cache = torch.randn_like(k_cache)
     graph = capture_graph(lambda: stack.decode(x, k_cache, v_cache), decode_ctx)
-    start, end = _time_replays(graph, decode_ctx, iters)  # alone, to size the prefill backlog
-    torch.cuda.synchronize()
-    alone_ms = start.elapsed_time(end) / iters
-    # Decode slows down under interference: queue enough prefill for three times its solo duration.
-    backlog = math.ceil(3 * iters * alone_ms / prefill_ms) + 1
-    _, prefill_end = _time_replays(prefill, prefill_ctx, backlog)
-    start, end = _time_replays(graph, decode_ctx, iters)
-    torch.cuda.synchronize()
+    try:
+        start, end = _time_replays(graph, decode_ctx, iters)  # alone, to size the prefill backlog
+        torch.cuda.synchronize()
+        alone_ms = start.elapsed_time(end) / iters
+        # Decode slows down under interference: queue enough prefill for three times its solo duration.
+        backlog = math.ceil(3 * iters * alone_ms / prefill_ms) + 1
+        _, prefill_end = _time_replays(prefill, prefill_ctx, backlog)
+        start, end = _time_replays(graph, decode_ctx, iters)
+        torch.cuda.synchronize()
+    finally:
+        _release(graph)
     if prefill_end.elapsed_time(end) > 0:
         logger.warning("batch=%d context=%d: the prefill ended before the decode measurement did", batch, context)
     return start.elapsed_time(end) / iters
@@ -161,7 +177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         num_layers=args.num_layers or ModelDims.num_layers
     )
     torch.cuda.set_device(args.device)
+    # An explicit --backend that cannot start raises here; only auto falls back to plain streams (with a warning).
     backend = create_partition_backend(args.backend, "cuda", device_index=args.device, decode_units=args.decode_units)
+    print(f"partition backend: {backend.name} (asked for {args.backend}), splits {[s.label for s in backend.splits()]}")
     try:
         with torch.inference_mode():
             stack = LlamaStack(dims, torch.device("cuda", args.device), torch.bfloat16)
