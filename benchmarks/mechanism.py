@@ -10,7 +10,10 @@ repository root:
     python -m benchmarks.mechanism --rates 4,10,16 --duration-s 8 --drain-timeout-s 10   # H200, ~6 min
     python -m benchmarks.mechanism --device cpu --hidden-size 64 ...                      # CPU smoke (see tests)
 
-Writes results.json, goodput.png, itl_cdf.png and partition.png under --out.
+``--itl-slo-ms auto`` picks an SLO at which the ARM must partition: midway between the full split's and the fastest
+partition's predicted decode step at a mid load (batch 32, context 2048); at a lax SLO (50 ms on an H200) the ARM
+never leaves full overlap and ``lanes-arm`` is ``lanes``. The lanes' threads run with the worker's GIL switch
+interval. Writes results.json, goodput.png, itl_cdf.png and partition.png under --out.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import re
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -41,12 +44,15 @@ from vllm_rapid.config import RapidConfig
 from vllm_rapid.lanes.arm import AdaptiveResourceManager
 from vllm_rapid.lanes.lane import Lane
 from vllm_rapid.lanes.partition import PartitionBackend, create_partition_backend
-from vllm_rapid.lanes.step_time import DecodeProfile, RooflineEstimate
+from vllm_rapid.lanes.step_time import DecodeProfile, RooflineEstimate, StepTimeModel
+from vllm_rapid.patch.process import LANE_GIL_SWITCH_INTERVAL_S  # a constant; vllm_rapid.patch imports no vLLM
 from vllm_rapid.testing.overlap import gaps_ms
 from vllm_rapid.tools.layer_stack import LlamaStack, ModelDims
 
 REPO = Path(__file__).resolve().parents[1]
 WARMUP_OUTPUT_TOKENS = 16
+# --itl-slo-ms auto: the decode batch and context length at which the ARM must leave full overlap.
+AUTO_SLO_LOAD = (32, 2048)
 
 
 def _list(kind: type) -> Any:
@@ -70,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length-scale", type=float, default=1.0, help="scale prompt/output lengths (small runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ttft-slo-ms", type=float, default=1000.0)
-    p.add_argument("--itl-slo-ms", type=float, default=50.0)
+    p.add_argument("--itl-slo-ms", type=_slo_ms, default=50.0, help="ms, or 'auto' (see above)")
     p.add_argument("--itl-slo-stat", choices=ITL_SLO_STATS, default="p99",
                    help="statistic of each request's inter-token gaps held to the ITL SLO (mean: TPOT)")
     p.add_argument("--policies", type=_list(str), default=list(DEFAULT_POLICIES))
@@ -79,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{field.name.replace('_', '-')}", type=int, default=getattr(dims, field.name))
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--partition-backend", default="auto", help="as rapid.partition_backend")
+    p.add_argument("--static-decode-fraction", type=float, default=0.5, help="lanes-static: decode's share")
     p.add_argument("--arm-profile", help="a `vllm-rapid profile` YAML for the ARM (default: roofline estimate)")
     p.add_argument("--block-size", type=int, default=16, help="KV cache block (page) size in tokens")
     p.add_argument("--max-num-seqs", type=int, default=256)
@@ -89,6 +96,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cdf-rate", type=float, help="rate of the ITL CDF plot (default: the middle rate)")
     p.add_argument("--out", help="default: benchmarks/results/mechanism-<device>/")
     return p
+
+
+def _slo_ms(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected milliseconds or 'auto', got {text!r}") from None
+
+
+def partitioning_itl_slo(model: StepTimeModel, backend: PartitionBackend) -> float:
+    """An ITL SLO the full split misses and the fastest partition meets at ``AUTO_SLO_LOAD`` (midway between
+    their predicted decode steps), so the ARM partitions there; without partitions, the full split's step."""
+    batch, context = AUTO_SLO_LOAD
+    full = model.decode_step_ms(backend.full_split(), batch, context)
+    partitions = [model.decode_step_ms(s, batch, context) for s in backend.splits() if not s.full_overlap]
+    return (full + min(partitions)) / 2 if partitions and min(partitions) < full else full
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -134,22 +159,29 @@ class Benchmark:
         self.runner = StackRunner(self.stack, self.cache, max_chunk + args.max_num_seqs, args.max_num_seqs,
                                   max_seq_len)
         if device.type == "cuda":
+            # Weights, cache and inputs were made on the default stream; the lanes' non-blocking streams read them
+            # at once (graph warm-ups, then eager prefill steps) without waiting for it.
+            torch.cuda.synchronize()
             splits = self.backend.splits() if any(p.arm for p in policies) else [self.backend.full_split()]
             started = time.perf_counter()
             self.runner.capture(self.backend, splits)
             print(f"captured {len(self.runner.buckets) * len(splits)} decode graphs in "
                   f"{time.perf_counter() - started:.1f} s", flush=True)
-        init = (lambda: torch.cuda.set_device(device)) if device.type == "cuda" else None
-        self.lanes = {name: Lane(name, thread_init=init) for name in ("decode", "prefill")}
+        self.lanes = {name: Lane(name, thread_init=_thread_init(self.backend, name, device))
+                      for name in ("decode", "prefill")}
         self.config = EngineConfig(args.block_size, args.max_num_seqs, args.prefill_batch_tokens,
                                    args.drain_timeout_s)
         self.profile = DecodeProfile.load(args.arm_profile) if args.arm_profile else None
         self.roofline = RooflineEstimate.for_device(device_name(device), self.dims.weight_bytes(dtype.itemsize),
                                                     self.dims.kv_bytes_per_token(dtype.itemsize),
                                                     self.backend.total_units)
+        model = self.profile or self.roofline
+        self.itl_slo_ms = (partitioning_itl_slo(model, self.backend) if args.itl_slo_ms == "auto"
+                           else float(args.itl_slo_ms))
 
-    def make_arm(self) -> AdaptiveResourceManager:
-        config = RapidConfig(itl_slo_ms=self.args.itl_slo_ms, ttft_slo_ms=self.args.ttft_slo_ms)
+    def make_arm(self, arm_policy: str) -> AdaptiveResourceManager:
+        config = RapidConfig(itl_slo_ms=self.itl_slo_ms, ttft_slo_ms=self.args.ttft_slo_ms, arm_policy=arm_policy,
+                             static_decode_fraction=self.args.static_decode_fraction)
         return AdaptiveResourceManager(config, self.backend, profile=self.profile, roofline=self.roofline)
 
     def run(self, policy: Policy, trace: list[TraceRequest], rate: float) -> RunResult:
@@ -157,9 +189,28 @@ class Benchmark:
         return serving.run()
 
     def close(self) -> None:
+        """Lanes, then the graphs, then the backend: a graph must go before the green context it was captured on."""
         for lane in self.lanes.values():
             lane.close()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.runner.release_graphs()
         self.backend.close()
+
+
+def _thread_init(backend: PartitionBackend, lane: str, device: torch.device) -> Callable[[], None] | None:
+    """What a lane's thread runs first: the backend's own (on CPU its OpenMP team and priority), and on CUDA the
+    device."""
+    backend_init = backend.thread_init(lane)
+    if device.type != "cuda":
+        return backend_init
+
+    def init() -> None:
+        torch.cuda.set_device(device)
+        if backend_init is not None:
+            backend_init()
+
+    return init
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -167,6 +218,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     policies = [Policy.parse(name) for name in args.policies]  # fail on a bad name before any setup
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(LANE_GIL_SWITCH_INTERVAL_S)  # as in the worker: lanes hand the GIL over quickly
+    try:
+        return _main(args, argv, policies)
+    finally:
+        sys.setswitchinterval(switch_interval)
+
+
+def _main(args: argparse.Namespace, argv: list[str], policies: list[Policy]) -> dict:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("vllm_rapid.lanes.arm").setLevel(logging.ERROR)  # the roofline notice would repeat every run
     torch.manual_seed(args.seed)
@@ -180,6 +240,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "command": shlex.join(["python", "-m", "benchmarks.mechanism", *argv]),
         "torch": torch.__version__,
         "device": name,
+        "gil_switch_interval_s": sys.getswitchinterval(),
         "args": vars(args),
         "traces": {
             str(rate): {"requests": len(t), "prompt_tokens": sum(r.prompt_len for r in t),
@@ -193,7 +254,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     with torch.inference_mode():
         bench = Benchmark(args, policies, device, max_seq_len)
         report.update(backend=bench.backend.name, total_units=bench.backend.total_units,
-                      splits=[s.label for s in bench.backend.splits()], model=bench.dims.describe())
+                      splits=[s.label for s in bench.backend.splits()], model=bench.dims.describe(),
+                      itl_slo_ms=bench.itl_slo_ms, arm_model="profile" if bench.profile else "roofline estimate")
+        print(f"backend {bench.backend.name} ({report['splits']}), ITL SLO {bench.itl_slo_ms:.1f} ms "
+              f"({report['arm_model']})", flush=True)
         try:
             runs, summaries = _sweep(bench, policies, traces, report, out / "results.json")
         finally:
@@ -216,7 +280,8 @@ def _sweep(bench: Benchmark, policies: list[Policy], traces: dict[float, list[Tr
         for policy in policies:
             started = time.perf_counter()
             run = runs[policy.name, rate] = bench.run(policy, trace, rate)
-            summaries.append(summary := summarize(run, *_slo(bench.args)))
+            summaries.append(summary := summarize(run, bench.args.ttft_slo_ms, bench.itl_slo_ms,
+                                                  bench.args.itl_slo_stat))
             report["runs"].append(asdict(summary))
             print(_line(summary, time.perf_counter() - started), flush=True)
             path.write_text(json.dumps(report, indent=1))  # partial results survive an interrupted sweep
@@ -244,17 +309,13 @@ def _finish(report: dict, runs: dict[tuple[str, float], RunResult], summaries: l
     itls = {policy: [g for s in run.requests for g in gaps_ms(s.token_times)]
             for (policy, rate), run in runs.items() if rate == cdf_rate}
     plots.plot_goodput(out / "goodput.png", by_policy, goodputs)
-    plots.plot_itl_cdf(out / "itl_cdf.png", itls, cdf_rate, args.itl_slo_ms)
+    plots.plot_itl_cdf(out / "itl_cdf.png", itls, cdf_rate, report["itl_slo_ms"])
     plots.plot_partition(out / "partition.png", timelines, report["total_units"])
     print(f"goodput (req/s at >= 90% SLO attainment): {goodputs}")
     for rate, bound in report["bound"].items():
         print(f"bound at {rate} req/s: prefill {bound['prefill_s']:.2f} s, decode {bound['decode_s']:.2f} s, "
               f"overlap can save at most {bound['max_speedup']:.2f}x of device time")
     print(f"wrote {out}/results.json, goodput.png, itl_cdf.png, partition.png")
-
-
-def _slo(args: argparse.Namespace) -> tuple[float, float, str]:
-    return args.ttft_slo_ms, args.itl_slo_ms, args.itl_slo_stat
 
 
 def _line(s: RunSummary, wall_s: float) -> str:

@@ -8,7 +8,12 @@ on which split:
   a decode step. Decodes stall while prompts are prefilled.
 * ``hybrid-C``: one lane; every step carries all running decodes plus up to C prompt tokens (the last prompt is
   chunked to fit), like vLLM's chunked prefill.
+* ``hybrid-C-iN``: ``hybrid-C`` with decode priority, as vLLM 0.33's ``--prefill-schedule-interval N``: prompt
+  tokens join a step only once N decode steps ran since the last step that carried any (at once when nothing
+  decodes). vLLM also lets them through while its waiting queue is saturated; that is not modelled.
 * ``lanes``: a prefill lane and a decode lane running concurrently on the whole device (full overlap).
+* ``lanes-static``: the same two lanes on one fixed split, the ARM's ``static`` policy (``--static-decode-fraction``
+  of the device for decode).
 * ``lanes-arm``: the same two lanes; the ARM picks each decode step's split, the prefill batch runs on the
   prefill side of the split current when it is submitted.
 """
@@ -29,7 +34,11 @@ from vllm_rapid.lanes.arm import AdaptiveResourceManager, ArmInputs, DecodeObser
 from vllm_rapid.lanes.lane import Lane
 from vllm_rapid.lanes.partition import PartitionBackend, Split
 
-DEFAULT_POLICIES = ("serial", "hybrid-512", "hybrid-1024", "hybrid-2048", "lanes", "lanes-arm")
+DEFAULT_POLICIES = (
+    "serial", "hybrid-512", "hybrid-1024", "hybrid-2048", "hybrid-512-i4", "lanes", "lanes-static", "lanes-arm"
+)
+# Two-lane policies -> the ARM policy that picks their splits (None: always the full split).
+_LANE_POLICIES = {"lanes": None, "lanes-static": "static", "lanes-arm": "adaptive"}
 
 
 @dataclass(frozen=True)
@@ -37,15 +46,26 @@ class Policy:
     name: str
     two_lanes: bool
     chunk_budget: int | None = None  # hybrid: prompt tokens per step
-    arm: bool = False
+    arm_policy: str | None = None  # two lanes: the RapidConfig.arm_policy choosing their splits
+    prefill_interval: int | None = None  # hybrid-C-iN: decode steps between steps with prompt tokens
+
+    @property
+    def arm(self) -> bool:
+        return self.arm_policy is not None
 
     @classmethod
     def parse(cls, name: str) -> Policy:
-        if name in ("serial", "lanes", "lanes-arm"):
-            return cls(name, two_lanes=name != "serial", arm=name == "lanes-arm")
-        if (match := re.fullmatch(r"hybrid-(\d+)", name)) and int(match[1]) > 0:
-            return cls(name, two_lanes=False, chunk_budget=int(match[1]))
-        raise ValueError(f"unknown policy {name!r}: serial, hybrid-<tokens>, lanes or lanes-arm")
+        if name == "serial":
+            return cls(name, two_lanes=False)
+        if name in _LANE_POLICIES:
+            return cls(name, two_lanes=True, arm_policy=_LANE_POLICIES[name])
+        match = re.fullmatch(r"hybrid-(\d+)(?:-i(\d+))?", name)
+        if match and int(match[1]) > 0 and (match[2] is None or int(match[2]) > 0):
+            interval = None if match[2] is None else int(match[2])
+            return cls(name, two_lanes=False, chunk_budget=int(match[1]), prefill_interval=interval)
+        raise ValueError(
+            f"unknown policy {name!r}: serial, hybrid-<tokens>, hybrid-<tokens>-i<steps>, {', '.join(_LANE_POLICIES)}"
+        )
 
 
 @dataclass(frozen=True)
@@ -117,12 +137,15 @@ class ServingRun:
         backend: PartitionBackend,
         lanes: dict[str, Lane],
         config: EngineConfig,
-        make_arm: Callable[[], AdaptiveResourceManager],
+        make_arm: Callable[[str], AdaptiveResourceManager],
         rate: float,
     ) -> None:
         self.policy, self.rate, self.runner, self.backend, self.config = policy, rate, runner, backend, config
         self.lanes = lanes if policy.two_lanes else {"step": lanes["decode"]}
-        self.arm = make_arm() if policy.arm else None
+        self.arm = make_arm(policy.arm_policy) if policy.arm_policy is not None else None
+        self.decided: Split | None = None  # the split of the ARM's last decision
+        # hybrid-C-iN: decode-only steps since the last step with prompt tokens (none yet: nothing holds the first).
+        self.decode_steps_since_prefill = policy.prefill_interval or 0
         self.free_blocks = BlockFreeList(runner.cache.num_blocks)
         self.states = [TraceRequestState(r, []) for r in trace]
         self.waiting: deque[TraceRequestState] = deque()  # arrived, not admitted
@@ -179,6 +202,9 @@ class ServingRun:
             chunks = self._pick_prompts(budget, split_last=self.policy.chunk_budget is not None)
         if self.policy.name == "serial" and chunks:
             decodes = []  # prefill first, decodes wait
+        interval = self.policy.prefill_interval
+        if interval is not None and decodes and self.decode_steps_since_prefill < interval:
+            chunks = []  # decode priority: prompts wait for their turn
         if not (decodes or chunks):
             return None
         return _Work(lane, decodes, chunks, self._split(lane, decodes))
@@ -200,14 +226,17 @@ class ServingRun:
         return chunks
 
     def _split(self, lane: str, decodes: list[TraceRequestState]) -> Split:
+        """Decode steps ask the ARM; a prefill batch takes the split of its last decision (the ARM's
+        ``current_split`` is not it under the static policy), or of a decision with no decode batch if none yet."""
         if self.arm is None:
             return self.backend.full_split()
-        if lane == "prefill":
-            return self.arm.current_split
+        if lane == "prefill" and self.decided is not None:
+            return self.decided
         waiting = [s.req.arrival_s for s in [*self.active, *self.waiting] if s.prefilling and not s.busy]
         inflight = any(s.busy and s.prefilling for s in self.active)
         inputs = ArmInputs.of([s.seq_len for s in decodes], waiting, inflight, now=self._now())
-        return self.arm.decide(inputs).split
+        self.decided = self.arm.decide(inputs).split
+        return self.decided
 
     def _submit(self, work: _Work) -> Future:
         block_size = self.config.block_size
@@ -240,6 +269,7 @@ class ServingRun:
             if state.generated >= state.req.output_len:
                 self.free_blocks.release(state.blocks)
                 self.active.remove(state)
+        self.decode_steps_since_prefill = 0 if work.chunks else self.decode_steps_since_prefill + 1
         mean_context = sum(contexts) / len(contexts) if contexts else 0.0
         self.steps.append(StepRecord(work.lane, start, end, len(work.decodes), sum(n for _, n in work.chunks),
                                      work.split.decode_units, mean_context))

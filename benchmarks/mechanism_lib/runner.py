@@ -8,6 +8,7 @@ run eagerly (their shapes vary). The step ends with a synchronize, so the caller
 from __future__ import annotations
 
 import bisect
+import functools
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -16,8 +17,8 @@ import numpy as np
 import torch
 
 from benchmarks.mechanism_lib.paged import SCRATCH_BLOCK, PagedKVCache, paged_decode_attention
-from vllm_rapid.tools.layer_stack import LlamaStack, capture_graph, causal_attention
 from vllm_rapid.lanes.partition import PartitionBackend, Split
+from vllm_rapid.tools.layer_stack import LlamaStack, capture_graph, causal_attention, frozen_gc
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
 
@@ -111,16 +112,28 @@ class StackRunner:
         self._graphs: dict[int, _Graph] = {}
 
     def capture(self, backend: PartitionBackend, splits: list[Split]) -> None:
-        """CUDA graphs of the decode step for every bucket on every split's decode stream (largest first)."""
-        for bucket in reversed(self.buckets):
-            inputs = _scratch_inputs(bucket, self.max_blocks_per_seq, self.device)
-            entry = self._graphs.setdefault(bucket, _Graph(inputs, {}))
-            for split in splits:
-                decode_ctx, _ = backend.lane_contexts(split)
-                step = lambda b=bucket, e=entry: self.forward(self.x[:b], e.inputs, []).argmax(dim=-1)
-                entry.graphs[split] = capture_graph(step, decode_ctx)
+        """CUDA graphs of the decode step for every bucket on every split's decode stream (largest first), with the
+        garbage collector frozen once for all of them."""
+        with frozen_gc():
+            for bucket in reversed(self.buckets):
+                inputs = _scratch_inputs(bucket, self.max_blocks_per_seq, self.device)
+                entry = self._graphs.setdefault(bucket, _Graph(inputs, {}))
+                for split in splits:
+                    decode_ctx, _ = backend.lane_contexts(split)
+                    step = functools.partial(self._greedy_decode, bucket, entry.inputs)
+                    entry.graphs[split] = capture_graph(step, decode_ctx)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+
+    def release_graphs(self) -> None:
+        """Destroy every decode graph; before the backend closes the streams (green contexts) they were captured on."""
+        for entry in self._graphs.values():
+            for graph in entry.graphs.values():
+                graph.reset()
+        self._graphs.clear()
+
+    def _greedy_decode(self, batch: int, inputs: DecodeInputs) -> Any:
+        return self.forward(self.x[:batch], inputs, []).argmax(dim=-1)
 
     def execute(self, step: StepInputs, split: Split) -> tuple[float, float]:
         """Run ``step`` in the current lane context; returns its (start, end) on the ``perf_counter`` clock."""
