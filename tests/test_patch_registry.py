@@ -120,5 +120,5 @@ def test_the_scan_sees_the_patches_that_patch_modules_make():
     """The scan is not blind: run on patch/ it finds the changes the registry declares there."""
     found = "\n".join(c for f in (PACKAGE / "patch").glob("*.py") for c in _changes_in(f))
     for expected in ("forward_context.py", "cpu_kernels.py", "process.py", "engine_args.py", "versions.py",
-                     "runner.py", "kv_publication.py", "cli_version.py"):
+                     "runner.py", "kv_publication.py", "cli_version.py", "workspace.py"):
         assert expected in found, expected

@@ -25,6 +25,12 @@ from typing import Any
 
 ContextFactory = Callable[[], AbstractContextManager[Any]]
 MAX_RECORDED_EVENTS = 100_000
+_lane_thread = threading.local()
+
+
+def current_lane() -> str | None:
+    """The name of the lane whose thread calls this; None outside the lanes (start-up, the engine's own thread)."""
+    return getattr(_lane_thread, "name", None)
 
 
 class LaneName(str, enum.Enum):
@@ -101,6 +107,7 @@ class Lane:
         self._thread.join(timeout)
 
     def _run(self) -> None:
+        _lane_thread.name = self.name
         if self._thread_init is not None:
             self._thread_init()
         while (item := self._queue.get()) is not None:

@@ -81,10 +81,18 @@ INTERNALS: tuple[Internal, ...] = (
     Internal(W, _RUNNER, "_dummy_run", params=("num_tokens", "uniform_decode", "is_profile")),
     Internal(W, _RUNNER, "get_model"),
     Internal(W, _RUNNER, assigns=("requests", "input_batch", "kv_caches", "cudagraph_dispatcher",
-                                  "execute_model_state", "compilation_config")),
+                                  "execute_model_state", "compilation_config", "max_num_tokens")),
     Internal(W, _WORKER, assigns=("model_runner", "device", "local_rank")),
     *(Internal(W, _WORKER, name) for name in ("init_device", "load_model", "initialize_from_config",
                                               "determine_available_memory", "execute_model", "shutdown")),
+    # registry: lane-stream-sync (vLLM's device sync, called after host copies of prompt logprobs and pooling)
+    Internal(W, _RUNNER, "_sync_device"),
+    # registry: two-workspace-lanes (vLLM's GPU worker sizes its workspace manager with it; lanes are a ContextVar)
+    Internal(W, "vllm.v1.worker.gpu_worker:_num_workspace_lanes", params=("vllm_config", "use_v2_model_runner")),
+    Internal(W, "vllm.v1.worker.gpu_worker:Worker", "_init_workspace_and_model_runner",
+             uses=("init_workspace_manager", "_num_workspace_lanes")),
+    Internal(W, "vllm.v1.worker.workspace:use_workspace_lane", params=("lane",)),
+    Internal(W, "vllm.v1.worker.workspace:is_workspace_manager_initialized"),
     # Code-swapped by the thread-local patches, which check the globals they are about when they apply.
     Internal(W, "vllm.forward_context:get_forward_context"),
     Internal(W, "vllm.forward_context:override_forward_context"),

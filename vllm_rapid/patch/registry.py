@@ -167,6 +167,26 @@ PATCHES: tuple[Patch, ...] = (
         applied_by="vllm_rapid.patch.runner:share_kv_tensors",
     ),
     Patch(
+        name="lane-stream-sync",
+        stage=Stage.WORKER,
+        target="both runners' GPUModelRunner._sync_device (instance, GPU only): inside a lane's thread it synchronizes "
+        "that lane's current stream instead of the device",
+        why="vLLM synchronizes the whole device after the prompt-logprobs and pooling copies to the host; from one "
+        "lane that also waits for the other lane's work (a decode step for a whole prefill batch)",
+        until="vLLM's runner synchronizes the stream it runs on",
+        applied_by="vllm_rapid.patch.runner:sync_lane_stream_only",
+    ),
+    Patch(
+        name="two-workspace-lanes",
+        stage=Stage.WORKER,
+        target="vllm.v1.worker.gpu_worker._num_workspace_lanes (wrapped): at least 2; the prefill lane's steps and "
+        "its runner's KV set-up use workspace lane 1, the decode lane vLLM's lane 0",
+        why="vLLM's kernels with scratch buffers (MLA and sparse attention, DCP, fused MoE) share one workspace per "
+        "lane: on one lane a prefill batch and a decode step running at once write the same scratch",
+        until="a worker can ask vLLM for workspace lanes without wrapping its private sizing function",
+        applied_by="vllm_rapid.patch.workspace:use_two_workspace_lanes",
+    ),
+    Patch(
         name="cpu-gemm-without-onednn-cache",
         stage=Stage.CPU_WORKER,
         target="vllm._custom_ops._supports_onednn = False",

@@ -1,10 +1,13 @@
-"""The prefill lane's model runner binds the KV tensors the primary runner allocated: one KV cache, no copy."""
+"""Instance overrides on the two lanes' model runners: the prefill runner binds the KV tensors the primary runner
+allocated (one KV cache, no copy), and each runner's device syncs wait for its own lane's stream only."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+
+from vllm_rapid.lanes.lane import current_lane
 
 
 def share_kv_tensors(prefill_runner: Any, primary: Any) -> None:
@@ -17,3 +20,22 @@ def share_kv_tensors(prefill_runner: Any, primary: Any) -> None:
                 if isinstance(getattr(layer, "kv_cache", None), torch.Tensor)}
 
     prefill_runner.initialize_kv_cache_tensors = primary_kv_tensors
+
+
+def sync_lane_stream_only(runner: Any) -> None:
+    """Make ``runner._sync_device()`` wait for the calling lane's stream instead of the whole device.
+
+    vLLM calls it after non-blocking copies to the host (prompt logprobs, pooling outputs), which run on the current
+    stream; inside a lane that is the lane's stream (its partition's). A whole-device sync would also wait for the other
+    lane's work: a prefill batch with prompt logprobs for the decode step running beside it, and the other way round.
+    Outside the lanes (start-up, profiling) vLLM's own sync runs.
+    """
+    device_sync = runner._sync_device
+
+    def sync_lane_stream() -> None:
+        if current_lane() is None:
+            device_sync()
+        else:
+            torch.cuda.current_stream(runner.device).synchronize()
+
+    runner._sync_device = sync_lane_stream

@@ -22,6 +22,7 @@ from vllm.platforms import current_platform
 from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+from vllm.v1.worker.workspace import use_workspace_lane
 
 from vllm_rapid.config import RapidConfig
 from vllm_rapid.lanes.lane import ContextFactory, Lane, LaneFuture, LaneName
@@ -31,13 +32,15 @@ from vllm_rapid.patch.forward_context import apply_thread_local_forward_context
 from vllm_rapid.patch.internals import require_vllm_internals
 from vllm_rapid.patch.process import shorten_gil_switch_interval
 from vllm_rapid.patch.registry import Stage
-from vllm_rapid.patch.runner import share_kv_tensors
+from vllm_rapid.patch.runner import share_kv_tensors, sync_lane_stream_only
 from vllm_rapid.patch.tp_group import apply_thread_local_tp_group, use_tp_group
 from vllm_rapid.patch.versions import require_supported_vllm
+from vllm_rapid.patch.workspace import DECODE_WORKSPACE_LANE, PREFILL_WORKSPACE_LANE, use_two_workspace_lanes
 from vllm_rapid.protocol import PrefillLaunch, PrefillResult, RapidModelRunnerOutput, RapidSchedulerOutput
 from vllm_rapid.worker.lane_control import LaneController
 from vllm_rapid.worker.lane_states import LaneStates
 from vllm_rapid.worker.tp_group import create_lane_tp_group, current_tp_group_name
+from vllm_rapid.worker.workspace_lanes import grow_prefill_workspace
 
 if current_platform.is_cpu():
     from vllm.v1.worker.cpu_worker import CPUWorker as PlatformWorker
@@ -47,9 +50,12 @@ else:
 logger = logging.getLogger(__name__)
 
 
-def run_lane_step(runner: Any, scheduler_output: SchedulerOutput, grammar: GrammarOutput | None) -> ModelRunnerOutput:
-    """One whole model step (forward + sampling) of one lane, in the lane's thread."""
-    with torch.inference_mode():  # thread-local in torch: every lane thread enters it itself
+def run_lane_step(
+    runner: Any, scheduler_output: SchedulerOutput, grammar: GrammarOutput | None, workspace_lane: int
+) -> ModelRunnerOutput:
+    """One whole model step (forward + sampling) of one lane, in the lane's thread and its own vLLM workspace."""
+    # Both thread-local (torch's mode, vLLM's workspace lane): every lane thread enters them itself.
+    with torch.inference_mode(), use_workspace_lane(workspace_lane):
         output = runner.execute_model(scheduler_output)
         if output is None:
             on_cpu = runner.device.type == "cpu"
@@ -75,6 +81,7 @@ class RapidWorker(PlatformWorker):
     # ---- set-up: a second runner that shares weights and KV --------------------------------------------------
 
     def init_device(self) -> None:
+        use_two_workspace_lanes()  # before the platform's worker builds vLLM's workspace manager
         super().init_device()
         runner_cls = type(self.model_runner)
         if not issubclass(runner_cls, GPUModelRunner):
@@ -90,6 +97,9 @@ class RapidWorker(PlatformWorker):
             for lane in (LaneName.DECODE, LaneName.PREFILL)
         )
         self.prefill_runner = runner_cls(self.vllm_config, self.device)
+        if self.device.type == "cuda":
+            for runner in (self.model_runner, self.prefill_runner):
+                sync_lane_stream_only(runner)
         self.lane_states = LaneStates(self.model_runner, self.prefill_runner)
         self.prefill_tp_group = None
         if self.parallel_config.tensor_parallel_size > 1:
@@ -109,7 +119,8 @@ class RapidWorker(PlatformWorker):
         primary = self.model_runner
         # Same attention backends, builders and block tables as the primary, bound to the primary's tensors.
         share_kv_tensors(self.prefill_runner, primary)
-        self.prefill_runner.initialize_kv_cache(kv_cache_config)
+        with use_workspace_lane(PREFILL_WORKSPACE_LANE):  # its builders reserve their scratch in its own workspace
+            self.prefill_runner.initialize_kv_cache(kv_cache_config)
         self.prefill_runner.kv_caches = primary.kv_caches
         # Prefill batches run without CUDA graphs. The graphs vLLM captures belong to the primary runner: its input
         # buffers, its stream and the decode lane's TP communicator. Replayed by the prefill lane they would read the
@@ -120,14 +131,17 @@ class RapidWorker(PlatformWorker):
         )
 
     def determine_available_memory(self) -> int:
-        """The platform's answer, less what the decode lane's batch needs while a full prefill batch is live."""
+        """The platform's answer, less what the decode lane's batch needs while a full prefill batch is live and the
+        prefill lane's own workspace."""
         available = super().determine_available_memory()
-        reserve = self._decode_batch_peak_bytes()
+        decode, workspace = self._decode_batch_peak_bytes(), grow_prefill_workspace(self.model_runner)
+        reserve = decode + workspace
+        what = f"decode batch {decode / 2**20:.1f}, prefill workspace {workspace / 2**20:.1f} MiB"
         if self.cache_config.kv_cache_memory_bytes is not None:
-            logger.info("RAPID: decode lane needs ~%.1f MiB beside a prefill batch (KV size was set explicitly)",
-                        reserve / 2**20)
+            logger.info("RAPID: the lanes need ~%.1f MiB beside vLLM's own (%s; KV size was set explicitly)",
+                        reserve / 2**20, what)
             return available
-        logger.info("RAPID: reserving %.1f MiB for the decode lane's batch", reserve / 2**20)
+        logger.info("RAPID: reserving %.1f MiB for the lanes (%s)", reserve / 2**20, what)
         return max(available - reserve, 0)
 
     def _decode_batch_peak_bytes(self) -> int:
@@ -164,7 +178,7 @@ class RapidWorker(PlatformWorker):
         decode_tokens = scheduler_output.total_num_scheduled_tokens
         decode_error = None
         step = self.decode_lane.submit(
-            run_lane_step, self.model_runner, scheduler_output, scheduler_output.grammar,
+            run_lane_step, self.model_runner, scheduler_output, scheduler_output.grammar, DECODE_WORKSPACE_LANE,
             label="decode" if decode_tokens else "idle", num_tokens=decode_tokens, context=contexts.decode,
         )
         try:
@@ -188,7 +202,7 @@ class RapidWorker(PlatformWorker):
         self.lane_states.launch(launch.scheduler_output)
         self._inflight = launch
         self._inflight_future = self.prefill_lane.submit(
-            run_lane_step, self.prefill_runner, launch.scheduler_output, launch.grammar_output,
+            run_lane_step, self.prefill_runner, launch.scheduler_output, launch.grammar_output, PREFILL_WORKSPACE_LANE,
             label=f"prefill#{launch.batch_id}", num_tokens=launch.scheduler_output.total_num_scheduled_tokens,
             context=context,
         )
