@@ -106,12 +106,18 @@ def test_a_fresh_process_retains_the_primary_context_and_splits_each_pair_once(d
 
 def test_fine_grained_splits_use_the_coscheduling_flag_of_cuda_bindings_13(driver):
     result = run("""
+        from cuda.bindings import driver
         backend = GreenContextBackend(decode_sms=[33], fine_grained=True)
         units = [s.decode_units for s in backend.splits()]
         backend.close()
-        emit(units=units, state=driver_state())
+        try:
+            driver.cuCtxSynchronize()  # a call the fake lacks fails loudly, as on a driver too old for it
+        except RuntimeError as exc:
+            missing = str(exc)
+        emit(units=units, state=driver_state(), missing=missing)
     """, driver)
     assert result["units"] == [34, H200_SMS]
+    assert result["missing"] == 'Function "cuCtxSynchronize" not found'
     assert "split 132 SMs flags=1 min=34: 1 x 34 + 98" in result["state"]["events"]
     assert_released(result["state"])
 
