@@ -58,6 +58,11 @@ class RapidConfig:
     # scheduler: each such request gets a generator seeded from the engine's seed and its arrival order (vLLM's
     # seeded path; on a GPU that costs a small kernel per random-sampled request per step).
     reproducible_sampling: bool = True
+    # On a GPU whose decode runs without CUDA graphs (--enforce-eager, or a cudagraph mode without FULL decode graphs),
+    # offer the SM partitions to the ARM anyway. Off by default: eager decode on a small partition queues its many
+    # kernel launches behind that partition and starves. With graphs, only partitions with captured decode graphs are
+    # offered; CPU threads are unaffected.
+    eager_decode_partitions: bool = False
     # Check the scheduler's request-lifecycle invariants after every step (tests turn it on; costs a pass over the
     # running requests per step).
     debug_invariants: bool = False

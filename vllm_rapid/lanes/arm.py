@@ -35,6 +35,9 @@ class ArmReason(str, enum.Enum):
     NO_SPLIT_MEETS_ITL = "no_split_meets_itl"
     TTFT_GUARD = "ttft_guard"
     HYSTERESIS = "hysteresis"
+    # On a GPU: the decode batch has no CUDA graph captured on the chosen partition, so decode runs on the whole device
+    # this step (set by the worker, never by the ARM).
+    NO_DECODE_GRAPH = "no_decode_graph"
 
     def __str__(self) -> str:  # the value, as in labels and f-strings (StrEnum needs Python 3.11)
         return self.value

@@ -78,13 +78,16 @@ INTERNALS: tuple[Internal, ...] = (
     Internal(W, _RUNNER, "sample_tokens", params=("grammar_output",)),
     Internal(W, _RUNNER, "initialize_kv_cache", params=("kv_cache_config",)),
     Internal(W, _RUNNER, "initialize_kv_cache_tensors"),  # registry: shared-kv-tensors
-    Internal(W, _RUNNER, "_dummy_run", params=("num_tokens", "uniform_decode", "is_profile")),
+    Internal(W, _RUNNER, "_dummy_run", params=("num_tokens", "uniform_decode", "is_profile", "cudagraph_runtime_mode",
+                                               "skip_eplb")),
     Internal(W, _RUNNER, "get_model"),
     Internal(W, _RUNNER, assigns=("requests", "input_batch", "kv_caches", "cudagraph_dispatcher",
-                                  "execute_model_state", "compilation_config", "max_num_tokens")),
-    Internal(W, _WORKER, assigns=("model_runner", "device", "local_rank")),
+                                  "execute_model_state", "compilation_config", "model", "model_config",
+                                  "max_num_reqs", "max_num_tokens")),
+    Internal(W, _WORKER, assigns=("model_runner", "device", "local_rank", "cudagraph_memory_estimate")),
     *(Internal(W, _WORKER, name) for name in ("init_device", "load_model", "initialize_from_config",
-                                              "determine_available_memory", "execute_model", "shutdown")),
+                                              "determine_available_memory", "compile_or_warm_up_model",
+                                              "execute_model", "shutdown")),
     # registry: lane-stream-sync (vLLM's device sync, called after host copies of prompt logprobs and pooling)
     Internal(W, _RUNNER, "_sync_device"),
     # registry: two-workspace-lanes (vLLM's GPU worker sizes its workspace manager with it; lanes are a ContextVar)
@@ -93,6 +96,22 @@ INTERNALS: tuple[Internal, ...] = (
              uses=("init_workspace_manager", "_num_workspace_lanes")),
     Internal(W, "vllm.v1.worker.workspace:use_workspace_lane", params=("lane",)),
     Internal(W, "vllm.v1.worker.workspace:is_workspace_manager_initialized"),
+    # registry: partition-decode-graphs. The FULL wrapper replays (or captures into) the entry of the step's
+    # descriptor in the dict it holds; the decode graphs are captured with vLLM's own loop and scope, and each step
+    # asks the runner which graph its batch will dispatch to.
+    Internal(W, "vllm.compilation.cuda_graph:CUDAGraphWrapper", assigns=("concrete_cudagraph_entries", "runtime_mode")),
+    Internal(W, "vllm.compilation.cuda_graph:CUDAGraphWrapper", "__call__",
+             uses=("concrete_cudagraph_entries", "validate_cudagraph_capturing_enabled", "replay")),
+    Internal(W, _RUNNER, "_capture_cudagraphs", params=("batch_descriptors", "cudagraph_runtime_mode")),
+    Internal(W, _RUNNER, "_determine_batch_execution_and_padding",
+             params=("num_tokens", "num_reqs", "num_scheduled_tokens_np", "max_num_scheduled_tokens")),
+    Internal(W, _RUNNER, "_freeze_gc"),
+    Internal(W, "vllm.v1.cudagraph_dispatcher:CudagraphDispatcher", "get_capture_descs"),
+    Internal(W, "vllm.v1.cudagraph_dispatcher:CudagraphDispatcher", "initialize_cudagraph_keys",
+             params=("cudagraph_mode", "uniform_decode_query_len")),
+    Internal(W, "vllm.v1.cudagraph_dispatcher:CudagraphDispatcher", assigns=("uniform_decode_query_len",)),
+    Internal(W, "vllm.compilation.monitor:set_cudagraph_capturing_enabled"),
+    Internal(W, "vllm.distributed.parallel_state:graph_capture", params=("device",)),
     # Code-swapped by the thread-local patches, which check the globals they are about when they apply.
     Internal(W, "vllm.forward_context:get_forward_context"),
     Internal(W, "vllm.forward_context:override_forward_context"),

@@ -187,6 +187,17 @@ PATCHES: tuple[Patch, ...] = (
         applied_by="vllm_rapid.patch.workspace:use_two_workspace_lanes",
     ),
     Patch(
+        name="partition-decode-graphs",
+        stage=Stage.WORKER,
+        target="the primary runner's FULL CUDAGraphWrapper.concrete_cudagraph_entries (instance): a decode "
+        "partition's own dict while its graphs are captured on the partition's stream and during each decode step "
+        "on that partition; vLLM's dict otherwise",
+        why="a CUDA graph keeps the SM partition of the stream it was captured on; vLLM captures once, on a "
+        "whole-device stream, so decode replayed on a partition would still run on every SM",
+        until="vLLM keeps a graph set per stream (or per SM partition)",
+        applied_by="vllm_rapid.patch.decode_graph_entries:graph_entries",
+    ),
+    Patch(
         name="cpu-gemm-without-onednn-cache",
         stage=Stage.CPU_WORKER,
         target="vllm._custom_ops._supports_onednn = False",

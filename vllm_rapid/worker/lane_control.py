@@ -3,7 +3,9 @@
 The partition backend (green contexts, CU masks, streams or CPU threads) pre-creates the splits; the ARM chooses
 one per engine step from the inputs the scheduler ships with the step, and learns from the decode step the output
 rank measured (also shipped by the scheduler), so every tensor-parallel rank decides the same split. A prefill batch
-keeps the partition it was launched on (a running batch cannot move).
+keeps the partition it was launched on (a running batch cannot move). On a GPU the ARM is offered only the partitions
+the decode lane has CUDA graphs for, and a step whose batch has no graph on the chosen partition decodes on the whole
+device (``vllm_rapid.worker.decode_graphs``).
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from vllm_rapid.config import RapidConfig
 from vllm_rapid.lanes.arm import AdaptiveResourceManager, ArmDecision, ArmReason
 from vllm_rapid.lanes.lane import ContextFactory, LaneName
 from vllm_rapid.lanes.partition import PartitionBackend, create_partition_backend
+from vllm_rapid.lanes.partition.offered import OfferedSplits
 from vllm_rapid.lanes.step_time import RooflineEstimate
 from vllm_rapid.protocol import ArmState, RapidSchedulerOutput
+from vllm_rapid.worker.decode_graphs import DecodeGraphs
 
 
 @dataclass(frozen=True)
@@ -40,28 +44,37 @@ class LaneController:
             config.partition_backend, kind, device_index=device.index or 0
         )
         self.arm: AdaptiveResourceManager | None = None
+        self.roofline: RooflineEstimate | None = None
+        self.decode_graphs: DecodeGraphs | None = None
         self.last_decision = ArmDecision(self.backend.full_split(), ArmReason.START_UP, "start-up")
 
     def thread_init(self, lane: LaneName):
         return self.backend.thread_init(lane)
 
     def attach_model(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], num_kv_tokens: int) -> None:
-        """Build the ARM once weights and KV are known (its roofline estimate needs their sizes)."""
+        """Size the ARM's roofline estimate once weights and KV are known."""
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         kv_bytes = sum(t.numel() * t.element_size() for t in kv_caches)
         device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
-        roofline = RooflineEstimate.for_device(
+        self.roofline = RooflineEstimate.for_device(
             device_name, weight_bytes, kv_bytes / max(num_kv_tokens, 1), self.backend.total_units
         )
-        self.arm = AdaptiveResourceManager(self.config, self.backend, roofline=roofline)
+
+    def attach_decode_graphs(self, graphs: DecodeGraphs) -> None:
+        """Build the ARM over the splits the decode lane can run on, once its graphs are captured."""
+        self.decode_graphs = graphs
+        offered = OfferedSplits(self.backend, graphs.offered_splits())
+        self.arm = AdaptiveResourceManager(self.config, offered, roofline=self.roofline)
 
     def contexts_for(self, step: RapidSchedulerOutput) -> LaneContexts:
-        if self.arm is None:
-            raise RuntimeError("LaneController.attach_model() must run before the first step")
+        if self.arm is None or self.decode_graphs is None:
+            raise RuntimeError("attach_model() and attach_decode_graphs() must run before the first step")
         if step.decode_observation is not None:
             self.arm.observe(step.decode_observation)
-        decision = self.last_decision = self.arm.decide(step.arm_inputs)
-        decode, prefill = self.backend.lane_contexts(decision.split)
+        decision = self.arm.decide(step.arm_inputs)
+        _, prefill = self.backend.lane_contexts(decision.split)
+        decision, decode = self.decode_graphs.decode_lane(decision, step)
+        self.last_decision = decision
         return LaneContexts(decision, decode, prefill)
 
     def state(self) -> ArmState:

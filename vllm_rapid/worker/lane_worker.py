@@ -37,6 +37,7 @@ from vllm_rapid.patch.tp_group import apply_thread_local_tp_group, use_tp_group
 from vllm_rapid.patch.versions import require_supported_vllm
 from vllm_rapid.patch.workspace import DECODE_WORKSPACE_LANE, PREFILL_WORKSPACE_LANE, use_two_workspace_lanes
 from vllm_rapid.protocol import PrefillLaunch, PrefillResult, RapidModelRunnerOutput, RapidSchedulerOutput
+from vllm_rapid.worker.decode_graphs import DecodeGraphs, partition_graph_bytes
 from vllm_rapid.worker.lane_control import LaneController
 from vllm_rapid.worker.lane_states import LaneStates
 from vllm_rapid.worker.tp_group import create_lane_tp_group, current_tp_group_name
@@ -131,18 +132,33 @@ class RapidWorker(PlatformWorker):
         )
 
     def determine_available_memory(self) -> int:
-        """The platform's answer, less what the decode lane's batch needs while a full prefill batch is live and the
-        prefill lane's own workspace."""
+        """The platform's answer, less what the decode lane's batch needs while a full prefill batch is live, the
+        prefill lane's own workspace and the decode graphs captured per partition."""
         available = super().determine_available_memory()
-        decode, workspace = self._decode_batch_peak_bytes(), grow_prefill_workspace(self.model_runner)
-        reserve = decode + workspace
-        what = f"decode batch {decode / 2**20:.1f}, prefill workspace {workspace / 2**20:.1f} MiB"
+        decode, workspace, graphs = (
+            self._decode_batch_peak_bytes(), grow_prefill_workspace(self.model_runner), self._graph_bytes()
+        )
+        reserve = decode + workspace + graphs
+        what = (f"decode batch {decode / 2**20:.1f}, prefill workspace {workspace / 2**20:.1f}, "
+                f"partition decode graphs {graphs / 2**20:.1f} MiB")
         if self.cache_config.kv_cache_memory_bytes is not None:
             logger.info("RAPID: the lanes need ~%.1f MiB beside vLLM's own (%s; KV size was set explicitly)",
                         reserve / 2**20, what)
             return available
         logger.info("RAPID: reserving %.1f MiB for the lanes (%s)", reserve / 2**20, what)
         return max(available - reserve, 0)
+
+    def _graph_bytes(self) -> int:
+        estimate = getattr(self, "cudagraph_memory_estimate", 0)  # vLLM's for its own graphs (GPU worker)
+        return partition_graph_bytes(self.vllm_config, self.lane_control.backend, self.device, estimate)
+
+    def compile_or_warm_up_model(self) -> Any:
+        times = super().compile_or_warm_up_model()
+        # After vLLM's own capture: the decode graphs once more per decode partition, on each partition's stream.
+        graphs = DecodeGraphs(self.model_runner, self.lane_control.backend, self.rapid_config.eager_decode_partitions)
+        graphs.capture(reserved_bytes=self._graph_bytes())
+        self.lane_control.attach_decode_graphs(graphs)
+        return times
 
     def _decode_batch_peak_bytes(self) -> int:
         num_seqs = self.scheduler_config.max_num_seqs
