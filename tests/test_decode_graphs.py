@@ -49,6 +49,7 @@ D25 = Split(25, 75, TOTAL_SMS, False)
 D50 = Split(50, 50, TOTAL_SMS, False)
 FULL = Split.full(TOTAL_SMS)
 VLLM_STREAM = "vllm's capture stream"
+HEAVY = ArmInputs(decode_batch_size=7, mean_context_len=512, prefill_wait_ms=50.0, prefill_inflight=True)
 _current = threading.local()
 
 
@@ -356,9 +357,6 @@ def test_the_arm_chooses_only_among_the_offered_splits():
     assert AdaptiveResourceManager(static, OfferedSplits(backend, [])).decide(HEAVY).split == FULL
     offered = OfferedSplits(backend, [D50])
     assert offered.splits() == [D50, FULL] and offered.lane_contexts(D50) == backend.lane_contexts(D50)
-
-
-HEAVY = ArmInputs(decode_batch_size=7, mean_context_len=512, prefill_wait_ms=50.0, prefill_inflight=True)
 
 
 def test_the_worker_reports_the_split_decode_really_ran_on(capture_scope):
