@@ -42,10 +42,9 @@ from benchmarks.mechanism_lib.runner import StackRunner
 from benchmarks.mechanism_lib.trace import PRESETS, TraceRequest, make_trace
 from vllm_rapid.config import RapidConfig
 from vllm_rapid.lanes.arm import AdaptiveResourceManager
-from vllm_rapid.lanes.lane import Lane
+from vllm_rapid.lanes.lane import LANE_GIL_SWITCH_INTERVAL_S, Lane
 from vllm_rapid.lanes.partition import PartitionBackend, create_partition_backend
 from vllm_rapid.lanes.step_time import DecodeProfile, RooflineEstimate, StepTimeModel
-from vllm_rapid.patch.process import LANE_GIL_SWITCH_INTERVAL_S  # a constant; vllm_rapid.patch imports no vLLM
 from vllm_rapid.testing.overlap import gaps_ms
 from vllm_rapid.tools.layer_stack import LlamaStack, ModelDims
 

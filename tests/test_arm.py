@@ -144,6 +144,7 @@ def test_static_policy_uses_the_precreated_split_at_or_above_the_fraction(fracti
     for load in (HEAVY, LIGHT):
         decision = arm.decide(load)
         assert decision.split.decode_units == units and decision.detail == "policy static"
+        assert arm.current_split == decision.split
 
 
 def test_cpu_threads_give_decode_every_core_alone_and_a_partition_beside_a_prefill():

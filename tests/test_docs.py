@@ -54,3 +54,28 @@ def test_dotted_names_resolve(source):
     stale = [(where, name) for where, text in texts for name in NAME.findall(text)
              if name not in FILES and not _resolves(name)]
     assert not stale
+
+
+def _support_rows() -> list[list[str]]:
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("<!-- support:start -->\n", 1)[1].split("\n<!-- support:end -->", 1)[0]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+
+
+def test_every_working_feature_names_tests_that_exist():
+    for feature, status, tests in _support_rows():
+        if not status.startswith("works"):
+            continue
+        names = re.findall(r"`(tests/\w+\.py)::(\w+)`", tests)
+        assert names, f"{feature}: a 'works' row names its test"
+        for path, name in names:
+            assert re.search(rf"^def {name}\(", (ROOT / path).read_text(), re.M), f"{feature}: {path}::{name}"
+
+
+def test_every_start_up_refusal_is_in_the_support_table():
+    from vllm_rapid.patch.engine_args import REFUSALS
+
+    refused = {feature for feature, status, _ in _support_rows() if status.startswith("refused")}
+    for refusal in REFUSALS:
+        short = refusal.feature.split(" (")[0]
+        assert any(short in row for row in refused), f"{refusal.feature!r} is refused but not in README's table"

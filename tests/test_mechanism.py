@@ -22,9 +22,9 @@ from benchmarks.mechanism_lib.runner import ChunkInputs, DecodeInputs, StackRunn
 from benchmarks.mechanism_lib.trace import make_trace
 from vllm_rapid.config import RapidConfig
 from vllm_rapid.lanes.arm import AdaptiveResourceManager, ArmInputs
+from vllm_rapid.lanes.lane import LANE_GIL_SWITCH_INTERVAL_S
 from vllm_rapid.lanes.partition.threads import CPU_PREFILL_NICENESS, ThreadsBackend
 from vllm_rapid.lanes.step_time import RooflineEstimate
-from vllm_rapid.patch.process import LANE_GIL_SWITCH_INTERVAL_S
 from vllm_rapid.tools.layer_stack import LlamaStack, ModelDims
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

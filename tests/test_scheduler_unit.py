@@ -640,3 +640,44 @@ def test_no_admission_in_a_step_whose_decode_pass_preempted():
                 assert record.scheduler_output.prefill is None, f"trial {trial}: admitted in a preempting step"
         assert_idle_and_clean(driver)
     assert preempting_steps > 0
+
+
+def test_streaming_input_sessions_fail_with_a_reason():
+    """A streaming-input session (a resumable request) is refused on arrival with a clear reason; others run."""
+    driver = LaneDriver(make_scheduler())
+    session, plain = make_requests(prompts_of_lengths([20, 30], seed=4), greedy(4), ids=["session", "plain"])
+    session.resumable = True
+    driver.add(session, plain)
+    driver.run_until_idle()
+    finishes = {out.request_id: out.finish_reason for record in driver.records for out in record.outputs
+                if out.finish_reason is not None}
+    assert finishes == {"session": FinishReason.ERROR, "plain": FinishReason.LENGTH}
+    assert driver.tokens["session"] == [] and len(driver.tokens["plain"]) == 4
+    assert_idle_and_clean(driver)
+
+
+def test_step_stats_ride_with_the_outputs_of_another_client():
+    """When the decode part of a step has nothing for any client, vLLM's update gives the stats to client 0; merged
+    with a finished prefill's outputs for client 1, they ride there instead of in a message of their own."""
+    from vllm.v1.engine import EngineCoreOutputs
+    from vllm.v1.metrics.stats import SchedulerStats
+
+    from vllm_rapid.core.scheduler import _merge_outputs
+
+    prefill = {1: EngineCoreOutputs(outputs=[EngineCoreOutput(request_id="p", new_token_ids=[5])])}
+    decode = {0: EngineCoreOutputs(scheduler_stats=SchedulerStats())}
+    merged = _merge_outputs(prefill, decode)
+    assert list(merged) == [1] and merged[1].scheduler_stats is not None and merged[1].outputs
+
+
+def test_iteration_details_count_the_prefill_batch_a_step_launches():
+    import vllm.v1.engine.core as core
+
+    driver = LaneDriver(make_scheduler(), prefill_steps=None)  # the scheduler wraps vLLM's count on start-up
+    driver.add(*make_requests(prompts_of_lengths([300, 40], seed=5), greedy(4)))
+    step = driver.step().scheduler_output
+    details = core.compute_iteration_details(step)
+    assert (details.num_ctx_requests, details.num_ctx_tokens) == (2, 340)
+    driver.complete_prefill()
+    driver.run_until_idle()
+    assert_idle_and_clean(driver)

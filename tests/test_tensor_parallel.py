@@ -58,10 +58,13 @@ def test_tp2_lanes_use_their_own_communicators_and_match_default(tiny_model, mon
         rapid.llm_engine.engine_core.shutdown()
 
 
-def test_pipeline_and_data_parallelism_are_refused_clearly(tiny_model):
+def test_pipeline_parallelism_is_refused_with_its_reason_and_dense_data_parallelism_is_not(tiny_model):
     from vllm.engine.arg_utils import EngineArgs
 
-    for option, name in (({"pipeline_parallel_size": 2}, "pipeline"), ({"data_parallel_size": 2}, "data")):
-        args = EngineArgs(tiny_model, scheduler="rapid", load_format="dummy", **option)
-        with pytest.raises(ValueError, match=f"--scheduler rapid does not support {name} parallelism"):
-            args.create_engine_config()
+    from vllm_rapid.patch.engine_args import RAPID_WORKER
+
+    args = EngineArgs(tiny_model, scheduler="rapid", load_format="dummy", pipeline_parallel_size=2)
+    with pytest.raises(ValueError, match=r"does not support pipeline parallelism .*: each stage's two lanes"):
+        args.create_engine_config()
+    config = EngineArgs(tiny_model, scheduler="rapid", load_format="dummy", data_parallel_size=2).create_engine_config()
+    assert config.parallel_config.worker_cls == RAPID_WORKER

@@ -226,8 +226,8 @@ class ServingRun:
         return chunks
 
     def _split(self, lane: str, decodes: list[TraceRequestState]) -> Split:
-        """Decode steps ask the ARM; a prefill batch takes the split of its last decision (the ARM's
-        ``current_split`` is not it under the static policy), or of a decision with no decode batch if none yet."""
+        """Decode steps ask the ARM; a prefill batch takes the split of its last decision, or of a decision with no
+        decode batch if none yet."""
         if self.arm is None:
             return self.backend.full_split()
         if lane == "prefill" and self.decided is not None:

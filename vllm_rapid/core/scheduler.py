@@ -197,14 +197,13 @@ class RapidScheduler(Scheduler):
 
     def in_prefill_lane(self, request: Request) -> bool:
         """A request belongs to the prefill lane while its batch is in flight, while any of its prompt is not computed
-        (every prompt token, so prompt logprobs and encoder inputs stay with one runner), or while more than one
-        token is pending (recomputing after a preemption)."""
+        (every prompt token, so prompt logprobs and encoder inputs stay with one runner), or while more than its last
+        sampled token is pending (recomputing after a preemption). Draft tokens of speculative decoding are decode
+        work: they do not count."""
         if self._is_inflight(request):
             return True
-        if request.num_computed_tokens < request.num_prompt_tokens:
-            return True
-        pending = request.num_tokens_with_spec + request.num_output_placeholders - request.num_computed_tokens
-        return pending > 1
+        computed = request.num_computed_tokens
+        return computed < request.num_prompt_tokens or computed < request.num_tokens - 1
 
     def _has_prefill_work(self) -> bool:
         return bool(self.waiting or self.kv_holding_waiting) or any(map(self.in_prefill_lane, self.running))
@@ -349,7 +348,8 @@ class RapidScheduler(Scheduler):
             for req_id, reason in refused.items():
                 prefill_outputs = _merge_outputs(prefill_outputs, self._fail_requests([req_id], reason))
         if model_runner_output.finished_prefill is not None:
-            prefill_outputs = self._complete_prefill(model_runner_output.finished_prefill)
+            completed = self._complete_prefill(model_runner_output.finished_prefill)
+            prefill_outputs = _merge_outputs(prefill_outputs, completed)
         if (decode_error := model_runner_output.decode_error) is not None:
             # Failed first, so vLLM's update below skips them as finished.
             failed = self._fail_requests(scheduler_output.num_scheduled_tokens, decode_error)
@@ -362,7 +362,8 @@ class RapidScheduler(Scheduler):
         so a request's last block reaches the prefix cache too)."""
         for req_id in step.num_scheduled_tokens:
             if (request := self.requests.get(req_id)) is not None:
-                self.kv_cache_manager.cache_blocks(request, request.num_computed_tokens)
+                # Up to the known tokens: positions past them hold draft tokens, not yet verified.
+                self.kv_cache_manager.cache_blocks(request, min(request.num_computed_tokens, request.num_tokens))
 
     def _remember_decode_step(self, step: SchedulerOutput, output: RapidModelRunnerOutput) -> None:
         """Keep the decode step the output rank measured, for every rank's ARM at the next step."""

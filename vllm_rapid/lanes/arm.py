@@ -152,10 +152,9 @@ class AdaptiveResourceManager:
     def decide(self, inputs: ArmInputs) -> ArmDecision:
         """The split for the next step."""
         policy = self.config.arm_policy
-        if policy == "full_overlap":
-            return ArmDecision(self._full, ArmReason.POLICY, "policy full_overlap")
-        if policy == "static":
-            return ArmDecision(self._static, ArmReason.POLICY, "policy static")
+        if policy in ("full_overlap", "static"):
+            self._current = self._full if policy == "full_overlap" else self._static
+            return ArmDecision(self._current, ArmReason.POLICY, f"policy {policy}")
         context_len = round(inputs.mean_context_len)
         target, reason, detail, urgent = self._target(inputs, context_len)
         decision = self._hysteresis(target, reason, detail, urgent, inputs.decode_batch_size, context_len)

@@ -25,6 +25,9 @@ from typing import Any
 
 ContextFactory = Callable[[], AbstractContextManager[Any]]
 MAX_RECORDED_EVENTS = 100_000
+# Both lanes' threads run Python between kernels; a thread waiting for the GIL waits up to the switch interval
+# (Python's default 5 ms), which alone would double a small decode step. Processes that run lanes hand it over sooner.
+LANE_GIL_SWITCH_INTERVAL_S = 0.0002
 _lane_thread = threading.local()
 
 

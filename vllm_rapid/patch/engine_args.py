@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -142,7 +144,11 @@ def prepare_rapid_engine(engine_args: Any, rapid: RapidConfig) -> None:
         )
     engine_args.worker_cls = RAPID_WORKER
     if engine_args.async_scheduling:
-        raise ValueError("--scheduler rapid overlaps prefill and decode itself; drop --async-scheduling")
+        raise ValueError(
+            "--scheduler rapid does not support --async-scheduling: its engine steps are synchronous (the decode "
+            "lane's steps would be scheduled one step ahead with placeholder tokens while the prefill lane runs "
+            "across steps: designed in the README, not built); drop --async-scheduling"
+        )
     engine_args.async_scheduling = False  # the prefill lane is the overlap; engine steps stay synchronous
     _unbind_cpu_omp_threads()
     if _env_default("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("0", "false", "False"):
@@ -178,23 +184,53 @@ def _unbind_cpu_omp_threads() -> None:
         )
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """A vLLM feature RAPID refuses at start-up, and why (the README's support table lists the same)."""
+
+    feature: str
+    applies: Callable[[Any], bool]  # of the engine's VllmConfig
+    reason: str
+
+
+def _spec_method(config: Any) -> str | None:
+    return None if config.speculative_config is None else config.speculative_config.method
+
+
+REFUSALS: tuple[Refusal, ...] = (
+    Refusal("pipeline parallelism (--pipeline-parallel-size > 1)",
+            lambda c: c.parallel_config.pipeline_parallel_size > 1,
+            "each stage's two lanes would need a pipeline communicator each, and vLLM keeps one batch per stage in "
+            "flight, which RAPID's step protocol does not model yet (designed in the README, not built)"),
+    Refusal("data parallelism with a mixture-of-experts model",
+            lambda c: c.parallel_config.data_parallel_size > 1 and bool(getattr(c.model_config, "is_moe", False)),
+            "MoE layers synchronize every forward pass across the data-parallel ranks; two lanes on each rank would "
+            "interleave those collectives (dense models run with data parallelism)"),
+    Refusal("dual-batch overlap (--enable-dbo)", lambda c: bool(getattr(c.parallel_config, "enable_dbo", False)),
+            "DBO splits one batch into micro-batches on streams of its own; RAPID's lanes already own the streams"),
+    Refusal("speculative decoding other than n-gram", lambda c: _spec_method(c) not in (None, "ngram"),
+            "a draft model (EAGLE, MTP, draft_model, Medusa) needs its own KV cache and the target's hidden states, "
+            "which the prefill lane would hand to the decode lane with the first token (designed, not built)"),
+    Refusal("KV transfer connectors", lambda c: c.kv_transfer_config is not None,
+            "a connector saves and loads a request's KV at the steps vLLM schedules it; a RAPID prefill batch spans "
+            "several engine steps, so its save points are not vLLM's"),
+    Refusal("LoRA adapters", lambda c: c.lora_config is not None,
+            "vLLM keeps the active adapters' index mapping (the punica wrapper) in the model's layers, which both "
+            "lanes share: two batches with different adapters at once would overwrite each other's mapping"),
+    Refusal("multimodal models", lambda c: bool(c.model_config.is_multimodal_model),
+            "not built yet: the encoder would run with the prefill (as every prompt token does) and the encoder "
+            "cache would be freed in the prefill runner"),
+    Refusal("hybrid (Mamba, linear-attention) models", lambda c: bool(getattr(c.model_config, "is_hybrid", False)),
+            "the recurrent state would move with the request like its KV blocks, but vLLM's state-cache modes align "
+            "chunks to blocks and copy states between steps (designed, not built)"),
+    Refusal("routed-experts output (--enable-return-routed-experts)",
+            lambda c: bool(getattr(getattr(c, "aux_output_config", None), "enable_return_routed_experts", False)),
+            "the routing is recorded per forward pass by one collector, which two lanes' passes would mix"),
+)
+
+
 def check_rapid_config(config: Any) -> None:
-    """Refuse, with a clear message, configurations the lanes do not support yet."""
-    parallel = config.parallel_config
-    unsupported = {
-        "pipeline parallelism (--pipeline-parallel-size > 1)": parallel.pipeline_parallel_size > 1,
-        "data parallelism (--data-parallel-size > 1)": parallel.data_parallel_size > 1,
-        "dual-batch overlap (--enable-dbo)": bool(getattr(parallel, "enable_dbo", False)),
-        "speculative decoding": config.speculative_config is not None,
-        "KV transfer connectors": config.kv_transfer_config is not None,
-        "LoRA adapters": config.lora_config is not None,
-        "multimodal models": bool(config.model_config.is_multimodal_model),
-        "hybrid (Mamba) models": bool(getattr(config.model_config, "is_hybrid", False)),
-        "pooling models": config.model_config.runner_type == "pooling",
-        "routed-experts output (--enable-return-routed-experts)": bool(
-            getattr(getattr(config, "aux_output_config", None), "enable_return_routed_experts", False)
-        ),
-    }
-    refused = [name for name, hit in unsupported.items() if hit]
+    """Refuse, with a clear message naming each feature and why, configurations the lanes do not support."""
+    refused = [f"{r.feature}: {r.reason}" for r in REFUSALS if r.applies(config)]
     if refused:
-        raise ValueError(f"--scheduler rapid does not support {'; '.join(refused)} yet")
+        raise ValueError("--scheduler rapid does not support " + "; ".join(refused))

@@ -81,6 +81,8 @@ INTERNALS: tuple[Internal, ...] = (
     Internal(W, _RUNNER, "_dummy_run", params=("num_tokens", "uniform_decode", "is_profile", "cudagraph_runtime_mode",
                                                "skip_eplb")),
     Internal(W, _RUNNER, "get_model"),
+    Internal(W, _RUNNER, "take_draft_token_ids"),
+    Internal(W, _WORKER, "take_draft_token_ids"),
     Internal(W, _RUNNER, assigns=("requests", "input_batch", "kv_caches", "cudagraph_dispatcher",
                                   "execute_model_state", "compilation_config", "model", "model_config",
                                   "max_num_reqs", "max_num_tokens")),

@@ -20,7 +20,7 @@ import torch
 from vllm.config import CUDAGraphMode
 from vllm.platforms import current_platform
 from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
-from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, DraftTokenIds, ModelRunnerOutput
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.workspace import use_workspace_lane
 
@@ -78,6 +78,8 @@ class RapidWorker(PlatformWorker):
         self._inflight: PrefillLaunch | None = None
         self._inflight_future: LaneFuture | None = None
         self._finished_prefill: PrefillResult | None = None
+        # Speculative decoding: drafts the prefill runner proposed for the batch it just finished, for the next step.
+        self._prefill_drafts: DraftTokenIds | None = None
 
     # ---- set-up: a second runner that shares weights and KV --------------------------------------------------
 
@@ -179,6 +181,7 @@ class RapidWorker(PlatformWorker):
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
         if not isinstance(scheduler_output, RapidSchedulerOutput):
             return super().execute_model(scheduler_output)
+        self._prefill_drafts = None  # not taken after the step that collected them: that step ran no decode
         self._collect_prefill(timeout=0.0)
         if self._inflight is not None and self._inflight.batch_id <= scheduler_output.last_completed_prefill:
             # Tensor parallelism: the output rank's lane finished this batch first and the scheduler has its result;
@@ -238,10 +241,20 @@ class RapidWorker(PlatformWorker):
             error = self._lane_failed(f"prefill batch {launch.batch_id}", exc, self.prefill_runner, req_ids)
             self._finished_prefill = PrefillResult(launch.batch_id, None, error=error)
         else:
+            self._prefill_drafts = self.prefill_runner.take_draft_token_ids()  # the runner is idle now
             self.lane_states.park(req_ids)
             assert future.event is not None
             self._finished_prefill = PrefillResult(launch.batch_id, output, future.event.elapsed_ms)
         self._inflight, self._inflight_future = None, None
+
+    def take_draft_token_ids(self) -> DraftTokenIds | None:
+        """Drafts for the next step: the decode runner's, and those the prefill runner proposed with the first tokens
+        of a batch it finished since (their first decode step verifies them, as after vLLM's own prefill step)."""
+        drafts = [d for d in (self._prefill_drafts, self.model_runner.take_draft_token_ids()) if d is not None]
+        self._prefill_drafts = None
+        if not drafts:
+            return None
+        return DraftTokenIds([r for d in drafts for r in d.req_ids], [t for d in drafts for t in d.draft_token_ids])
 
     def _lane_failed(self, what: str, exc: Exception, runner: Any, req_ids: Any) -> str:
         """A lane's batch raised: drop its states so that only its requests fail, and say why.
