@@ -7,7 +7,14 @@ prefill lane while others decode, and an abort at each stage with nothing left a
 from __future__ import annotations
 
 import pytest
-from test_rapid_engine import assert_idle_and_clean, make_llm, prompts_of_lengths, run_until_idle, scheduler_of
+from test_rapid_engine import (
+    assert_idle_and_clean,
+    decode_while_prefilling,
+    make_llm,
+    prompts_of_lengths,
+    run_until_idle,
+    scheduler_of,
+)
 from vllm import PoolingParams, SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -21,18 +28,6 @@ def repetitive_prompts(lengths: list[int], seed: int) -> list[dict]:
     return [{"prompt_token_ids": [2 + (seed + j * 7) % (11 + i) for j in range(n)]} for i, n in enumerate(lengths)]
 
 
-def _decode_then_long(llm, short: list[dict], long: list[dict], params: SamplingParams) -> dict:
-    """``short`` decode while ``long`` is prefilled on the prefill lane."""
-    engine = llm.llm_engine
-    for i, prompt in enumerate(short):
-        engine.add_request(f"s{i}", prompt, params)
-    while not any(o.outputs[0].token_ids for o in engine.step()):
-        pass
-    for i, prompt in enumerate(long):
-        engine.add_request(f"l{i}", prompt, params)
-    return run_until_idle(llm)
-
-
 def _accepted_drafts(llm) -> float:
     return sum(m.value for m in llm.get_metrics() if m.name == "vllm:spec_decode_num_accepted_tokens")
 
@@ -43,7 +38,7 @@ def test_ngram_speculative_decoding_matches_default_with_a_prefill_in_flight(tin
     results = {}
     for scheduler in ("default", "rapid"):
         llm = make_llm(tiny_model, scheduler, engine_kwargs=NGRAM, record_lane_events=True)
-        finished = _decode_then_long(llm, short, long, params)
+        finished = decode_while_prefilling(llm, short, long, params)
         results[scheduler] = {rid: list(o.outputs[0].token_ids) for rid, o in finished.items()}
         assert _accepted_drafts(llm) > 0, f"{scheduler}: no draft was accepted, nothing was speculated"
         if scheduler == "rapid":

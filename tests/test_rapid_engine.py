@@ -62,6 +62,19 @@ def run_until_idle(llm: LLM, timeout_s: float = 120.0) -> dict[str, object]:
     return finished
 
 
+def decode_while_prefilling(llm: LLM, first: list, second: list, params: SamplingParams) -> dict[str, object]:
+    """``first`` (ids a0, a1, ...) decodes when ``second`` (b0, ...) arrives, so the prefill lane runs ``second``
+    beside a decode batch; every request's final output, once idle."""
+    engine = llm.llm_engine
+    for i, prompt in enumerate(first):
+        engine.add_request(f"a{i}", prompt, params)
+    while not any(o.outputs[0].token_ids for o in engine.step()):
+        pass
+    for i, prompt in enumerate(second):
+        engine.add_request(f"b{i}", prompt, params)
+    return run_until_idle(llm)
+
+
 def assert_idle_and_clean(llm: LLM) -> None:
     """No request left anywhere, every KV block back in the pool, no runner state left in either lane."""
     sched = scheduler_of(llm)

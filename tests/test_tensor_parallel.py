@@ -7,7 +7,7 @@ same tokens as vLLM's default scheduler at the same TP size.
 from __future__ import annotations
 
 import pytest
-from test_rapid_engine import assert_idle_and_clean, prompts_of_lengths, run_until_idle, token_ids
+from test_rapid_engine import assert_idle_and_clean, decode_while_prefilling, prompts_of_lengths, token_ids
 from vllm import LLM, SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -38,15 +38,9 @@ def test_tp2_lanes_use_their_own_communicators_and_match_default(tiny_model, mon
         assert len(groups) == 2  # one answer per rank
         for lanes in groups:
             assert lanes["decode"].startswith("tp:") and lanes["prefill"].startswith("tp_rapid_prefill:"), lanes
-        engine = rapid.llm_engine
-        for i, prompt in enumerate(prompts[:len(SHORT)]):
-            engine.add_request(str(i), prompt, params)
-        while not any(o.outputs[0].token_ids for o in engine.step()):
-            pass  # the short prompts decode from here on
-        for i, prompt in enumerate(prompts[len(SHORT):], start=len(SHORT)):
-            engine.add_request(str(i), prompt, params)
-        finished = run_until_idle(rapid)
-        assert [list(finished[str(i)].outputs[0].token_ids) for i in range(len(prompts))] == expected
+        finished = decode_while_prefilling(rapid, prompts[:len(SHORT)], prompts[len(SHORT):], params)
+        ids = [f"a{i}" for i in range(len(SHORT))] + [f"b{i}" for i in range(len(LONG))]
+        assert [list(finished[i].outputs[0].token_ids) for i in ids] == expected
         # On every rank, decode steps ran while a prefill batch ran: both communicators busy at once.
         for events in rapid.collective_rpc("rapid_lane_events"):
             prefills = [e for e in events if e["lane"] == "prefill" and e["num_tokens"] > 0]

@@ -13,6 +13,7 @@ import json
 import pytest
 from test_rapid_engine import (
     assert_idle_and_clean,
+    decode_while_prefilling,
     make_llm,
     prompts_of_lengths,
     run_until_idle,
@@ -43,18 +44,6 @@ def greedy(max_tokens: int, **kwargs) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kwargs)
 
 
-def _staggered(llm, first: list, second: list, params: SamplingParams) -> dict:
-    """``first`` decodes when ``second`` arrives: both lanes run structured batches in the same steps."""
-    engine = llm.llm_engine
-    for i, prompt in enumerate(first):
-        engine.add_request(f"a{i}", prompt, params)
-    while not any(o.outputs[0].token_ids for o in engine.step()):
-        pass
-    for i, prompt in enumerate(second):
-        engine.add_request(f"b{i}", prompt, params)
-    return run_until_idle(llm)
-
-
 @pytest.mark.parametrize("kind", ["choice", "json"])
 def test_structured_outputs_stay_valid_with_both_lanes_busy(rapid_llm, kind):
     """Issue 10 item 1: with a decode batch and a prefill batch both under a grammar in one step, every request's
@@ -70,7 +59,7 @@ def test_structured_outputs_stay_valid_with_both_lanes_busy(rapid_llm, kind):
         valid = lambda text: isinstance(json.loads(text).get("n"), int)  # noqa: E731
     params = SamplingParams(temperature=0.0, max_tokens=48, structured_outputs=structured)
     prompts = [f"Pick {i}:" for i in range(8)]
-    finished = _staggered(rapid_llm, prompts, [p + " now" for p in prompts], params)
+    finished = decode_while_prefilling(rapid_llm, prompts, [p + " now" for p in prompts], params)  # both lanes
     assert len(finished) == 16
     texts = {rid: (o.outputs[0].finish_reason, o.outputs[0].text) for rid, o in finished.items()}
     # No request fails (vLLM's "Failed to advance FSM" errors) and every completed one obeys its grammar; a random

@@ -11,20 +11,20 @@ per tensor-parallel rank, fed by the scheduler) choose the same splits.
 
 from __future__ import annotations
 
-import enum
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from vllm_rapid.config import RapidConfig
+from vllm_rapid.lanes.lane import Label
 from vllm_rapid.lanes.partition.base import PartitionBackend, Split
 from vllm_rapid.lanes.step_time import DecodeProfile, ProfileError, RooflineEstimate, StepTimeModel
 
 logger = logging.getLogger(__name__)
 
 
-class ArmReason(str, enum.Enum):
+class ArmReason(Label):
     """Why the ARM chose a split, as a closed set (a metrics label); ``ArmDecision.detail`` says more."""
 
     START_UP = "start_up"
@@ -38,9 +38,6 @@ class ArmReason(str, enum.Enum):
     # On a GPU: the decode batch has no CUDA graph captured on the chosen partition, so decode runs on the whole device
     # this step (set by the worker, never by the ARM).
     NO_DECODE_GRAPH = "no_decode_graph"
-
-    def __str__(self) -> str:  # the value, as in labels and f-strings (StrEnum needs Python 3.11)
-        return self.value
 
 
 @dataclass(frozen=True)

@@ -36,14 +36,18 @@ def current_lane() -> str | None:
     return getattr(_lane_thread, "name", None)
 
 
-class LaneName(str, enum.Enum):
+class Label(str, enum.Enum):
+    """A closed set of names that are also metric labels: ``str()`` gives the value (StrEnum needs Python 3.11)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class LaneName(Label):
     """The two lanes (also their label in metrics and records)."""
 
     DECODE = "decode"
     PREFILL = "prefill"
-
-    def __str__(self) -> str:  # the value, as in labels and f-strings (StrEnum needs Python 3.11)
-        return self.value
 
 
 @dataclass(frozen=True)
