@@ -277,3 +277,14 @@ def test_rapid_options_are_resolved_once_into_the_engine_config(tiny_model, monk
     rapid = RapidConfig.of(config)
     assert (rapid.itl_slo_ms, rapid.idle_wait_ms) == (40.0, 7.0)
     assert config.additional_config["rapid"] == rapid.as_section()
+
+
+def test_refused_features_name_themselves_and_why(tiny_model, no_rapid_env):
+    """A start-up refusal says which feature and why (the README's support table lists the same)."""
+    # Routed-experts output needs vLLM's V2 runner, which RAPID does not use: vLLM itself refuses it at start-up.
+    with pytest.raises(ValueError, match=r"requires Model Runner V2"):
+        EngineArgs(model=tiny_model, scheduler="rapid", load_format="dummy", dtype="float32", max_model_len=1024,
+                   kv_cache_memory_bytes=16 << 20, enable_return_routed_experts=True).create_engine_config()
+    with pytest.raises(ValueError, match=r"does not support --async-scheduling: its engine steps are synchronous"):
+        EngineArgs(model=tiny_model, scheduler="rapid", load_format="dummy", async_scheduling=True,
+                   kv_cache_memory_bytes=16 << 20).create_engine_config()

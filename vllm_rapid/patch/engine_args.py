@@ -223,9 +223,6 @@ REFUSALS: tuple[Refusal, ...] = (
     Refusal("hybrid (Mamba, linear-attention) models", lambda c: bool(getattr(c.model_config, "is_hybrid", False)),
             "the recurrent state would move with the request like its KV blocks, but vLLM's state-cache modes align "
             "chunks to blocks and copy states between steps (designed, not built)"),
-    Refusal("routed-experts output (--enable-return-routed-experts)",
-            lambda c: bool(getattr(getattr(c, "aux_output_config", None), "enable_return_routed_experts", False)),
-            "the routing is recorded per forward pass by one collector, which two lanes' passes would mix"),
 )
 
 
