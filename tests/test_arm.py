@@ -225,7 +225,7 @@ def _good() -> dict:
         (lambda d: d["decode"][0].update(step_ms=True), r"decode\[0\].step_ms must be a positive number"),
         (lambda d: d.update(colour="blue"), r"unknown field\(s\) \['colour'\]"),
         # Prefill throughput was measured but drove no decision: the table holds decode steps only.
-        (lambda d: d.update(prefill=[{"prefill_units": 60, "tokens_per_s": 1000}]), r"unknown field\(s\) \['prefill'\]"),
+        (lambda d: d.update(prefill=[{"prefill_units": 60}]), r"unknown field\(s\) \['prefill'\]"),
     ],
 )
 def test_bad_profile_files_fail_with_a_clear_error(tmp_path, mutate, message):
