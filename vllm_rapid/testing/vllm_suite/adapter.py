@@ -1,0 +1,120 @@
+"""RapidScheduler seen through vLLM's one-batch step, so vLLM's own scheduler tests can drive it.
+
+vLLM's tests (``tests/v1/core``) call ``schedule()``, expect every scheduled request in the SchedulerOutput, answer
+with one ModelRunnerOutput and call ``update_from_output``. RAPID's step carries two batches: the decode lane's (the
+inherited fields) and, when one is launched, the prefill lane's (``RapidSchedulerOutput.prefill``), whose result
+comes back as ``RapidModelRunnerOutput.finished_prefill``. ``CombinedRapidScheduler`` plays RapidWorker with a
+prefill lane that finishes within its launch step: it merges both batches into the output the test sees and, given
+the test's ModelRunnerOutput, hands RapidScheduler the decode part and the prefill result. Everything else is
+RapidScheduler's own code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from vllm.config import VllmConfig
+from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
+from vllm.v1.engine import EngineCoreOutputs
+from vllm.v1.kv_cache_interface import KVCacheConfig, MambaSpec
+from vllm.v1.outputs import ModelRunnerOutput
+
+from vllm_rapid.core.scheduler import RapidScheduler
+from vllm_rapid.patch.engine_args import check_rapid_config
+from vllm_rapid.protocol import PrefillResult, RapidModelRunnerOutput, RapidSchedulerOutput
+
+# Per-step (not per-request) fields of a ModelRunnerOutput: they belong to the decode part, whose update makes
+# the step's stats, and must not be counted twice.
+_PER_STEP_OUTPUT_FIELDS = ("kv_connector_output", "ec_connector_output", "cudagraph_stats")
+
+
+@dataclass
+class CombinedSchedulerOutput(SchedulerOutput):
+    """Both lanes' batches of one RAPID step as one SchedulerOutput, and the step they came from."""
+
+    rapid_step: RapidSchedulerOutput | None = None
+
+
+class CombinedRapidScheduler(RapidScheduler):
+    """RapidScheduler whose steps look like vLLM's: one batch out, one output in, the prefill done in the step."""
+
+    def __init__(self, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, *args: Any, **kwargs: Any) -> None:
+        # What `--scheduler rapid` refuses at start-up never reaches RapidScheduler; tests that build it are refused.
+        check_rapid_config(vllm_config)
+        if any(isinstance(g.kv_cache_spec, MambaSpec) for g in kv_cache_config.kv_cache_groups):
+            raise ValueError("--scheduler rapid does not support hybrid (Mamba) models yet")
+        super().__init__(vllm_config, kv_cache_config, *args, **kwargs)
+
+    @property
+    def use_v2_model_runner(self) -> bool:
+        return False
+
+    @use_v2_model_runner.setter
+    def use_v2_model_runner(self, value: bool) -> None:
+        if value:
+            raise ValueError("--scheduler rapid needs vLLM's V1 model runner")
+
+    def schedule(self, throttle_prefills: bool = False) -> CombinedSchedulerOutput:  # type: ignore[override]
+        step = super().schedule(throttle_prefills)
+        lanes = [step] if step.prefill is None else [step, step.prefill.scheduler_output]
+        merged = {f.name: _merge_values([getattr(o, f.name) for o in lanes]) for f in _init_fields(SchedulerOutput)}
+        return CombinedSchedulerOutput(**merged, rapid_step=step)
+
+    def get_grammar_bitmask(self, scheduler_output: SchedulerOutput) -> GrammarOutput | None:
+        """The bitmasks RAPID shipped with the step's two batches, stacked in the order of their request ids."""
+        if not isinstance(scheduler_output, CombinedSchedulerOutput) or scheduler_output.rapid_step is None:
+            return super().get_grammar_bitmask(scheduler_output)
+        step = scheduler_output.rapid_step
+        grammars = [g for g in (step.grammar, step.prefill and step.prefill.grammar_output) if g is not None]
+        if not grammars:
+            return None
+        return GrammarOutput(
+            [req_id for g in grammars for req_id in g.structured_output_request_ids],
+            np.concatenate([g.grammar_bitmask for g in grammars]),
+        )
+
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
+    ) -> dict[int, EngineCoreOutputs]:
+        """Split the test's output: requests are looked up by id, so both parts keep the whole per-request data."""
+        if not isinstance(scheduler_output, CombinedSchedulerOutput) or scheduler_output.rapid_step is None:
+            return super().update_from_output(scheduler_output, model_runner_output)
+        step = scheduler_output.rapid_step
+        finished = None
+        if step.prefill is not None:
+            prefill_part = dataclasses.replace(model_runner_output, **dict.fromkeys(_PER_STEP_OUTPUT_FIELDS))
+            finished = PrefillResult(step.prefill.batch_id, prefill_part)
+        decode = RapidModelRunnerOutput.wrap(model_runner_output, finished_prefill=finished)
+        return super().update_from_output(step, decode)
+
+
+def _init_fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.init]
+
+
+def _merge_values(values: list[Any]) -> Any:
+    """One field of the merged output: sequences concatenated, maps and sets united, flags or-ed, counts added;
+    nested dataclasses field by field; anything else (connector metadata, which RAPID refuses) must be one object."""
+    present = [v for v in values if v is not None]
+    if len(present) <= 1:
+        return present[0] if present else None
+    first = present[0]
+    if isinstance(first, bool):
+        return any(present)
+    if isinstance(first, int):
+        return sum(present)
+    if isinstance(first, list):
+        return [x for v in present for x in v]
+    if isinstance(first, dict):
+        return {k: x for v in present for k, x in v.items()}
+    if isinstance(first, set):
+        return set().union(*present)
+    if dataclasses.is_dataclass(first):
+        fields = _init_fields(type(first))
+        return type(first)(**{f.name: _merge_values([getattr(v, f.name) for v in present]) for f in fields})
+    if any(v is not first for v in present):
+        raise ValueError(f"each lane carries its own {type(first).__name__}; they cannot be merged")
+    return first
