@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -33,20 +34,9 @@ def make_tiny_llama(
     seed: int = 0,
 ) -> Path:
     """Write config.json, weights, tokenizer files and a chat template to ``path``; return the path."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = Tokenizer(models.BPE(unk_token=None))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(_CORPUS * 20, trainer=trainer)
+    tokenizer = train_tokenizer(vocab_size)
     tokenizer.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(
         json.dumps(
@@ -84,6 +74,24 @@ def make_tiny_llama(
     (path / "config.json").write_text(json.dumps(config, indent=2))
     _write_random_weights(path / "model.safetensors", config, seed)
     return path
+
+
+def train_tokenizer(vocab_size: int, special_tokens: tuple[str, ...] = ("<s>", "</s>")) -> Any:
+    """A byte-level BPE tokenizer (``tokenizers.Tokenizer``) trained on a small corpus; the special tokens get the
+    first ids (``<s>`` 0, ``</s>`` 1)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_CORPUS * 20, trainer=trainer)
+    return tokenizer
 
 
 def _write_random_weights(file: Path, config: dict, seed: int) -> None:
