@@ -29,6 +29,11 @@ from vllm_rapid.protocol import PrefillResult, RapidModelRunnerOutput, RapidSche
 # Per-step (not per-request) fields of a ModelRunnerOutput: they belong to the decode part, whose update makes
 # the step's stats, and must not be counted twice.
 _PER_STEP_OUTPUT_FIELDS = ("kv_connector_output", "ec_connector_output", "cudagraph_stats")
+# Per-request maps the engine core (or a test in its place) may change on a step's output between schedule() and
+# update_from_output() (update_draft_token_ids_in_output does): carried back to each lane's own output.
+_SET_AFTER_SCHEDULING = ("scheduled_spec_decode_tokens", "num_invalid_spec_tokens")
+# A setting, not a count: each lane's pass picks it for its own batch.
+_PER_BATCH_SETTING = "num_spec_tokens_to_schedule"
 
 
 @dataclass
@@ -57,10 +62,16 @@ class CombinedRapidScheduler(RapidScheduler):
         if value:
             raise ValueError("--scheduler rapid needs vLLM's V1 model runner")
 
-    def schedule(self, throttle_prefills: bool = False) -> CombinedSchedulerOutput:  # type: ignore[override]
+    def schedule(self, throttle_prefills: bool = False) -> CombinedSchedulerOutput:
         step = super().schedule(throttle_prefills)
-        lanes = [step] if step.prefill is None else [step, step.prefill.scheduler_output]
+        lanes = _lanes(step)
         merged = {f.name: _merge_values([getattr(o, f.name) for o in lanes]) for f in _init_fields(SchedulerOutput)}
+        # The lanes that scheduled work must agree on it (the decode lane's when neither did).
+        busy = [o for o in lanes if o.total_num_scheduled_tokens] or lanes[:1]
+        settings = {getattr(o, _PER_BATCH_SETTING) for o in busy}
+        if len(settings) > 1:
+            raise ValueError(f"the lanes' batches chose different {_PER_BATCH_SETTING}: {sorted(settings)}")
+        merged[_PER_BATCH_SETTING] = settings.pop()
         return CombinedSchedulerOutput(**merged, rapid_step=step)
 
     def get_grammar_bitmask(self, scheduler_output: SchedulerOutput) -> GrammarOutput | None:
@@ -68,7 +79,8 @@ class CombinedRapidScheduler(RapidScheduler):
         if not isinstance(scheduler_output, CombinedSchedulerOutput) or scheduler_output.rapid_step is None:
             return super().get_grammar_bitmask(scheduler_output)
         step = scheduler_output.rapid_step
-        grammars = [g for g in (step.grammar, step.prefill and step.prefill.grammar_output) if g is not None]
+        launched = step.prefill.grammar_output if step.prefill is not None else None
+        grammars = [g for g in (step.grammar, launched) if g is not None]
         if not grammars:
             return None
         return GrammarOutput(
@@ -83,12 +95,21 @@ class CombinedRapidScheduler(RapidScheduler):
         if not isinstance(scheduler_output, CombinedSchedulerOutput) or scheduler_output.rapid_step is None:
             return super().update_from_output(scheduler_output, model_runner_output)
         step = scheduler_output.rapid_step
+        for lane in _lanes(step):
+            for name in _SET_AFTER_SCHEDULING:
+                if (edited := getattr(scheduler_output, name)) is not None:
+                    setattr(lane, name, {r: v for r, v in edited.items() if r in lane.num_scheduled_tokens})
         finished = None
         if step.prefill is not None:
             prefill_part = dataclasses.replace(model_runner_output, **dict.fromkeys(_PER_STEP_OUTPUT_FIELDS))
             finished = PrefillResult(step.prefill.batch_id, prefill_part)
         decode = RapidModelRunnerOutput.wrap(model_runner_output, finished_prefill=finished)
         return super().update_from_output(step, decode)
+
+
+def _lanes(step: RapidSchedulerOutput) -> list[SchedulerOutput]:
+    """The step's batches: the decode lane's, then the prefill lane's if one was launched."""
+    return [step] if step.prefill is None else [step, step.prefill.scheduler_output]
 
 
 def _init_fields(cls: type) -> list[dataclasses.Field]:
@@ -112,9 +133,9 @@ def _merge_values(values: list[Any]) -> Any:
         return {k: x for v in present for k, x in v.items()}
     if isinstance(first, set):
         return set().union(*present)
-    if dataclasses.is_dataclass(first):
-        fields = _init_fields(type(first))
-        return type(first)(**{f.name: _merge_values([getattr(v, f.name) for v in present]) for f in fields})
+    if dataclasses.is_dataclass(first) and not isinstance(first, type):
+        cls: Any = type(first)
+        return cls(**{f.name: _merge_values([getattr(v, f.name) for v in present]) for f in _init_fields(cls)})
     if any(v is not first for v in present):
         raise ValueError(f"each lane carries its own {type(first).__name__}; they cannot be merged")
     return first
