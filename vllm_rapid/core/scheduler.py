@@ -52,6 +52,7 @@ from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 
 from vllm_rapid.config import RapidConfig
+from vllm_rapid.core.encoder_inputs import encoder_outputs_of, forget_encoder_outputs, hand_on_evictions
 from vllm_rapid.lanes.arm import ArmInputs, DecodeObservation
 from vllm_rapid.lanes.lane import LaneName
 from vllm_rapid.metrics.lane_stats import LaneStats, StepStats
@@ -75,6 +76,8 @@ class InflightPrefill:
     req_ids: frozenset[str]
     # The blocks this batch writes, published at schedule time: taken out of the prefix cache if it fails.
     written_blocks: frozenset[int] = frozenset()
+    # The multimodal items whose encoder outputs it computes: forgotten by the encoder cache if it fails.
+    encoder_outputs: frozenset[str] = frozenset()
     fenced_frees: list[Request] = field(default_factory=list)
 
 
@@ -95,7 +98,9 @@ class RapidScheduler(Scheduler):
         self.rapid_config = RapidConfig.of(self.vllm_config)
         max_tokens = self.scheduler_config.max_num_batched_tokens
         chunk = self.rapid_config.prefill_chunk_tokens
-        chunking = self.scheduler_config.enable_chunked_prefill
+        # An item vLLM must not split (--disable-chunked-mm-input, forced for models that attend bidirectionally
+        # within an image) fits vLLM's batch budget, not necessarily a smaller RAPID chunk: no chunks below it.
+        chunking = self.scheduler_config.enable_chunked_prefill and not self.scheduler_config.disable_chunked_mm_input
         self.prefill_token_budget = min(chunk, max_tokens) if (chunk and chunking) else max_tokens
         self.inflight_prefill: InflightPrefill | None = None
         self._next_batch_id = 0
@@ -166,6 +171,8 @@ class RapidScheduler(Scheduler):
             prefill, _ = self._schedule_lane(LaneName.PREFILL, throttle_prefills)
             if prefill.total_num_scheduled_tokens > 0:
                 launch = self._launch_prefill(prefill)
+            else:
+                hand_on_evictions(decode, prefill)
         step = RapidSchedulerOutput.wrap(
             decode,
             grammar=self._grammar_of(decode),
@@ -292,7 +299,8 @@ class RapidScheduler(Scheduler):
         batch_id = self._next_batch_id
         self._next_batch_id += 1
         self.inflight_prefill = InflightPrefill(
-            batch_id, prefill, frozenset(prefill.num_scheduled_tokens), self._blocks_written_by(prefill)
+            batch_id, prefill, frozenset(prefill.num_scheduled_tokens), self._blocks_written_by(prefill),
+            encoder_outputs=encoder_outputs_of(prefill, self.requests),
         )
         # First tokens of structured-output requests are sampled on the prefill lane: ship their bitmask along.
         return PrefillLaunch(batch_id, prefill, self._grammar_of(prefill))
@@ -320,6 +328,7 @@ class RapidScheduler(Scheduler):
         assert decoding <= set(running_ids), f"decode batch has requests not running: {decoding - set(running_ids)}"
         for req_id in decoding:
             assert not self.in_prefill_lane(self.requests[req_id]), f"{req_id} decodes while in the prefill lane"
+        assert not step.scheduled_encoder_inputs, f"encoder inputs in the decode batch: {step.scheduled_encoder_inputs}"
         batch = self.inflight_prefill
         if batch is None:
             return
@@ -389,7 +398,9 @@ class RapidScheduler(Scheduler):
         if result.error is not None or result.output is None:
             self.kv_cache_manager.evict_blocks(set(batch.written_blocks))  # published unwritten: out of the cache
             self._release(batch)  # before failing its requests, so their blocks are freed at once
-            return self._fail_requests(batch.req_ids, result.error or "the prefill batch returned no output")
+            failed = self._fail_requests(batch.req_ids, result.error or "the prefill batch returned no output")
+            forget_encoder_outputs(self.encoder_cache_manager, batch.encoder_outputs)  # once nobody refers to them
+            return failed
         self._step_stats.prefill_batch_ms = result.elapsed_ms
         self._step_stats.prefill_batch_tokens = batch.scheduler_output.total_num_scheduled_tokens
         self._suppress_stats = True  # registry: one-stats-record-per-step (the decode update makes it)

@@ -73,6 +73,15 @@ INTERNALS: tuple[Internal, ...] = (
     Internal(E, "vllm.v1.core.sched.request_queue:create_request_queue"),
     Internal(E, "vllm.v1.engine.core:compute_iteration_details"),
     Internal(E, "vllm.v1.core.sched.request_queue:RequestQueue", "prepend_requests"),
+    # Multimodal models (vllm_rapid/core/encoder_inputs.py): both passes share vLLM's encoder cache manager, whose
+    # eviction a failed prefill batch's entries go through; the encoder fields of the scheduler's output.
+    Internal(E, _SCHED, assigns=("encoder_cache_manager",)),
+    Internal(E, "vllm.v1.core.encoder_cache_manager:EncoderCacheManager",
+             assigns=("cached", "freeable", "num_embeds_by_hash", "num_free_slots", "freed")),
+    Internal(E, "vllm.v1.core.sched.output:SchedulerOutput",
+             params=("scheduled_encoder_inputs", "free_encoder_mm_hashes")),
+    Internal(E, "vllm.v1.request:Request", assigns=("mm_features",)),
+    Internal(E, "vllm.multimodal.inputs:MultiModalFeatureSpec", params=("identifier", "mm_position")),
     # The worker builds a second runner of the platform's class and moves request state between the two.
     Internal(W, _RUNNER, "execute_model", params=("scheduler_output",)),
     Internal(W, _RUNNER, "sample_tokens", params=("grammar_output",)),
