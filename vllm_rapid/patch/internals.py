@@ -96,6 +96,11 @@ INTERNALS: tuple[Internal, ...] = (
                                   "execute_model_state", "compilation_config", "model", "model_config",
                                   "max_num_reqs", "max_num_tokens")),
     Internal(W, _WORKER, assigns=("model_runner", "device", "local_rank", "cudagraph_memory_estimate")),
+    # The prefill runner holds the encoder outputs (vllm_rapid/worker/encoder_cache.py); the worker's encoder-cache
+    # reset and weight reload clear its cache too.
+    Internal(W, _RUNNER, assigns=("encoder_cache",)),
+    Internal(W, _WORKER, "reset_encoder_cache"),
+    Internal(W, _WORKER, "reload_weights"),
     *(Internal(W, _WORKER, name) for name in ("init_device", "load_model", "initialize_from_config",
                                               "determine_available_memory", "compile_or_warm_up_model",
                                               "execute_model", "shutdown")),

@@ -38,6 +38,7 @@ from vllm_rapid.patch.versions import require_supported_vllm
 from vllm_rapid.patch.workspace import DECODE_WORKSPACE_LANE, PREFILL_WORKSPACE_LANE, use_two_workspace_lanes
 from vllm_rapid.protocol import PrefillLaunch, PrefillResult, RapidModelRunnerOutput, RapidSchedulerOutput
 from vllm_rapid.worker.decode_graphs import DecodeGraphs, partition_graph_bytes
+from vllm_rapid.worker.encoder_cache import PrefillEncoderCache
 from vllm_rapid.worker.lane_control import LaneController
 from vllm_rapid.worker.lane_states import LaneStates
 from vllm_rapid.worker.tp_group import create_lane_tp_group, current_tp_group_name
@@ -104,6 +105,7 @@ class RapidWorker(PlatformWorker):
             for runner in (self.model_runner, self.prefill_runner):
                 sync_lane_stream_only(runner)
         self.lane_states = LaneStates(self.model_runner, self.prefill_runner)
+        self.prefill_encoder_cache = PrefillEncoderCache(self.prefill_runner)
         self.prefill_tp_group = None
         if self.parallel_config.tensor_parallel_size > 1:
             # Two lanes must never share a communicator: the prefill lane's thread gets its own TP group.
@@ -190,6 +192,9 @@ class RapidWorker(PlatformWorker):
             self._collect_prefill(timeout=None)
             self._finished_prefill = None
         self.lane_states.finish(scheduler_output.finished_req_ids)
+        self.prefill_encoder_cache.defer(scheduler_output.free_encoder_mm_hashes)
+        if self._inflight is None:
+            self.prefill_encoder_cache.release()  # before a launch: its batch may compute a freed entry again
         contexts = self.lane_control.contexts_for(scheduler_output)
         if scheduler_output.prefill is not None:
             self._launch_prefill(scheduler_output.prefill, contexts.prefill)
@@ -294,13 +299,33 @@ class RapidWorker(PlatformWorker):
         """The TP communicator each lane's collectives use, as seen from inside the lane's thread."""
         return {lane.name: lane.run(current_tp_group_name) for lane in (self.decode_lane, self.prefill_lane)}
 
+    def rapid_encoder_cache_entries(self) -> dict[str, list[str]]:
+        """The multimodal items whose encoder outputs each lane's runner holds (the decode runner's stay empty)."""
+        return {"decode": sorted(self.model_runner.encoder_cache), "prefill": self.prefill_encoder_cache.entries()}
+
     def rapid_num_request_states(self) -> int:
         """Request states held by either runner or parked between them (0 when idle)."""
         return self.lane_states.num_states()
 
-    def shutdown(self) -> None:
+    # ---- encoder-cache resets, weight reloads, shutdown: each waits for the prefill lane ---------------------------
+
+    def reset_encoder_cache(self) -> None:
+        super().reset_encoder_cache()
+        self._wait_for_prefill()
+        self.prefill_encoder_cache.clear()  # the encoder outputs live in the prefill runner
+
+    def reload_weights(self, *args: Any, **kwargs: Any) -> None:
+        self._wait_for_prefill()  # never change the weights under a running prefill batch
+        super().reload_weights(*args, **kwargs)  # resets the primary runner's encoder cache
+        self.prefill_encoder_cache.clear()  # outputs of the old weights
+
+    def _wait_for_prefill(self) -> None:
+        """Until the prefill batch in flight (if any) is done; its result is still collected by the next step."""
         if self._inflight_future is not None:
-            futures.wait([self._inflight_future])  # drain: never tear down under a running prefill
+            futures.wait([self._inflight_future])
+
+    def shutdown(self) -> None:
+        self._wait_for_prefill()  # drain: never tear down under a running prefill
         self.decode_lane.close()
         self.prefill_lane.close()
         self.lane_control.close()
