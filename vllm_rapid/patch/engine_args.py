@@ -217,9 +217,16 @@ REFUSALS: tuple[Refusal, ...] = (
     Refusal("LoRA adapters", lambda c: c.lora_config is not None,
             "vLLM keeps the active adapters' index mapping (the punica wrapper) in the model's layers, which both "
             "lanes share: two batches with different adapters at once would overwrite each other's mapping"),
-    Refusal("multimodal models", lambda c: bool(c.model_config.is_multimodal_model),
-            "not built yet: the encoder would run with the prefill (as every prompt token does) and the encoder "
-            "cache would be freed in the prefill runner"),
+    Refusal("encoder-decoder models (e.g. Whisper)", lambda c: bool(c.model_config.is_encoder_decoder),
+            "their encoder output fills cross-attention KV through vLLM's encoder-decoder cache manager, which "
+            "RAPID's two passes were not built for (decoder-only multimodal models work)"),
+    Refusal("encoder-cache transfer connectors (--ec-transfer-config)", lambda c: c.ec_transfer_config is not None,
+            "a connector saves and loads encoder outputs at the steps vLLM schedules them; RAPID's live in the "
+            "prefill lane's runner, whose batches span several engine steps"),
+    Refusal("custom encoder cache managers",
+            lambda c: getattr(getattr(c, "ec_manager_config", None), "encoder_cache_manager_cls", None) is not None,
+            "RAPID frees and forgets entries of vLLM's own EncoderCacheManager across its two scheduling passes; a "
+            "custom manager's bookkeeping and worker metadata were not built for them"),
     Refusal("hybrid (Mamba, linear-attention) models", lambda c: bool(getattr(c.model_config, "is_hybrid", False)),
             "the recurrent state would move with the request like its KV blocks, but vLLM's state-cache modes align "
             "chunks to blocks and copy states between steps (designed, not built)"),

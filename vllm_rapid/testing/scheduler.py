@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import torch
 from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
+from vllm.multimodal.inputs import MultiModalFeatureSpec
 from vllm.sampling_params import SamplingParams
 from vllm.utils.hashing import get_hash_fn_by_name
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
@@ -68,12 +69,15 @@ class SchedulerSetup:
     enable_chunked_prefill: bool = True
     policy: Literal["fcfs", "priority"] = "fcfs"
     long_prefill_token_threshold: int = 0
+    disable_chunked_mm_input: bool = False
     rapid: Mapping[str, Any] = field(default_factory=dict)  # additional_config={"rapid": {...}}
+    # A model directory (a multimodal model's processor needs its tokenizer, so it is loaded); None: the tiny Llama.
+    model: str | None = None
 
     def vllm_config(self) -> VllmConfig:
         model_config = ModelConfig(
-            model=str(tiny_model_dir()), dtype="float32", seed=0, skip_tokenizer_init=True,
-            max_model_len=self.max_model_len,
+            model=self.model or str(tiny_model_dir()), dtype="float32", seed=0,
+            skip_tokenizer_init=self.model is None, max_model_len=self.max_model_len,
         )
         scheduler_config = SchedulerConfig(
             max_num_seqs=self.max_num_seqs,
@@ -81,6 +85,7 @@ class SchedulerSetup:
             max_model_len=self.max_model_len,
             enable_chunked_prefill=self.enable_chunked_prefill,
             long_prefill_token_threshold=self.long_prefill_token_threshold,
+            disable_chunked_mm_input=self.disable_chunked_mm_input,
             is_encoder_decoder=False,
             watermark=0.0,  # admission and preemption exactly at the block count
             policy=self.policy,
@@ -143,9 +148,11 @@ def make_requests(
     arrival_times: Sequence[float] | None = None,
     priorities: Sequence[int] | None = None,
     seeds: Sequence[int | None] | None = None,
+    mm_features: Sequence[Sequence[MultiModalFeatureSpec]] | None = None,
     block_size: int = SchedulerSetup.block_size,
 ) -> list[Request]:
-    """Requests as the engine core makes them: EOS from the model, block hashes for the prefix cache.
+    """Requests as the engine core makes them: EOS from the model, block hashes for the prefix cache, multimodal
+    items (``mm_features``, one list per prompt: their hashes and placeholder positions) where given.
 
     ``params`` is one SamplingParams for all (copied) or one per prompt; by default greedy, 8 tokens, EOS honoured.
     ``block_size`` must be the scheduler's, or prefix caching finds nothing.
@@ -167,6 +174,7 @@ def make_requests(
                 arrival_time=arrival_times[i] if arrival_times is not None else next(_ARRIVALS),
                 priority=priorities[i] if priorities is not None else 0,
                 block_hasher=_block_hasher(block_size),
+                mm_features=list(mm_features[i]) if mm_features is not None else None,
             )
         )
     return requests
