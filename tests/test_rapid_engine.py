@@ -12,7 +12,7 @@ import time
 
 import pytest
 from vllm import LLM, SamplingParams
-from vllm.sampling_params import StructuredOutputsParams
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
 from vllm_rapid.testing.overlap import summarize_overlap
 
@@ -66,6 +66,8 @@ def decode_while_prefilling(llm: LLM, first: list, second: list, params: Samplin
     """``first`` (ids a0, a1, ...) decodes when ``second`` (b0, ...) arrives, so the prefill lane runs ``second``
     beside a decode batch; every request's final output, once idle."""
     engine = llm.llm_engine
+    params = params.clone()
+    params.output_kind = RequestOutputKind.CUMULATIVE  # every step's tokens (LLM.generate sets FINAL_ONLY on params)
     for i, prompt in enumerate(first):
         engine.add_request(f"a{i}", prompt, params)
     while not any(o.outputs[0].token_ids for o in engine.step()):

@@ -40,6 +40,7 @@ def test_tp2_lanes_use_their_own_communicators_and_match_default(tiny_model, mon
             assert lanes["decode"].startswith("tp:") and lanes["prefill"].startswith("tp_rapid_prefill:"), lanes
         finished = decode_while_prefilling(rapid, prompts[:len(SHORT)], prompts[len(SHORT):], params)
         ids = [f"a{i}" for i in range(len(SHORT))] + [f"b{i}" for i in range(len(LONG))]
+        assert sorted(finished) == sorted(ids), sorted(finished)
         assert [list(finished[i].outputs[0].token_ids) for i in ids] == expected
         # On every rank, decode steps ran while a prefill batch ran: both communicators busy at once.
         for events in rapid.collective_rpc("rapid_lane_events"):
