@@ -121,7 +121,8 @@ class RapidSuite:
             self.problems.append(f"{report.nodeid}: selected but skipped ({report.longrepr})")
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        if self.baseline or session.config.option.keyword or session.config.option.markexpr:
+        option = session.config.option
+        if self.baseline or option.collectonly or option.keyword or option.markexpr:
             return
         ran = {item.nodeid.split("::")[0] for item in session.items if selection.group_of(item.nodeid) == "engine"}
         self.problems += [f"{f}: configured no RAPID engine" for f in sorted(ran) if not self.rapid_engines[f]]
