@@ -681,3 +681,20 @@ def test_iteration_details_count_the_prefill_batch_a_step_launches():
     driver.complete_prefill()
     driver.run_until_idle()
     assert_idle_and_clean(driver)
+
+
+def test_data_parallel_prefill_throttling_defers_prefills_beside_a_decode():
+    """vLLM's DP prefill balancing: a throttled step schedules no prefill while a request decodes, unless the
+    waiting queue is capacity-bound (decided over both lanes, and the decode pass does not reset that)."""
+    driver = LaneDriver(make_scheduler(), prefill_steps=1)
+    start_decoding(driver)
+    driver.add(*make_requests(prompts_of_lengths([40], seed=6), greedy(3), ids=["new"]))
+    driver.throttle_prefills = True
+    driver.scheduler.prefill_capacity_bound = False
+    assert driver.step().scheduler_output.prefill is None
+    driver.scheduler.prefill_capacity_bound = True
+    launched = driver.step().scheduler_output.prefill
+    assert launched is not None and "new" in launched.scheduler_output.num_scheduled_tokens
+    driver.throttle_prefills = False
+    driver.run_until_idle()
+    assert_idle_and_clean(driver)

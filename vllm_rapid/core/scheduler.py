@@ -164,11 +164,18 @@ class RapidScheduler(Scheduler):
         return super().has_requests() or self.inflight_prefill is not None or bool(self._refused)
 
     def schedule(self, throttle_prefills: bool = False) -> RapidSchedulerOutput:
+        # Data-parallel prefill balancing: vLLM defers every prefill of a throttled step while some running request
+        # decodes, unless its queue is capacity-bound. Decided over both lanes' requests, before the passes.
+        defer_prefills = throttle_prefills and not self.prefill_capacity_bound and any(
+            not r.is_prefill_chunk for r in self.running
+        )
+        capacity_bound = self.prefill_capacity_bound
         decode, decode_preempted = self._schedule_lane(LaneName.DECODE, throttle_prefills)
+        self.prefill_capacity_bound = capacity_bound  # the decode pass's empty queue says nothing about it
         launch = None
         # vLLM admits nobody in a step that preempted; the prefill pass is where RAPID admits.
-        if self.inflight_prefill is None and not decode_preempted and self._has_prefill_work():
-            prefill, _ = self._schedule_lane(LaneName.PREFILL, throttle_prefills)
+        if self.inflight_prefill is None and not (decode_preempted or defer_prefills) and self._has_prefill_work():
+            prefill, _ = self._schedule_lane(LaneName.PREFILL, throttle_prefills=False)
             if prefill.total_num_scheduled_tokens > 0:
                 launch = self._launch_prefill(prefill)
             else:

@@ -50,7 +50,7 @@ INTERNALS: tuple[Internal, ...] = (
     Internal(E, _SCHED, assigns=("running", "waiting", "kv_holding_waiting", "max_num_scheduled_tokens",
                                  "max_num_active_reqs", "prev_step_scheduled_req_ids", "policy", "requests",
                                  "kv_cache_manager", "finished_req_ids", "structured_output_manager",
-                                 "kv_cache_config")),
+                                 "kv_cache_config", "prefill_capacity_bound")),
     # Cross-lane preemption: vLLM asks _request_blocks_can_be_freed of the victim it picked before preempting it.
     Internal(E, _SCHED, "schedule", params=("throttle_prefills",), uses=("_request_blocks_can_be_freed",
                                                                          "_preempt_request")),

@@ -248,6 +248,7 @@ class StepDriver:
     def __init__(self, scheduler: Scheduler, next_token: TokenRule = sequence_token) -> None:
         self.scheduler = scheduler
         self.next_token = next_token
+        self.throttle_prefills = False  # what a data-parallel engine core passes on a throttled step
         self.records: list[StepRecord] = []
         self.tokens: dict[str, list[int]] = {}
         self.finish_reasons: dict[str, FinishReason] = {}
@@ -269,7 +270,7 @@ class StepDriver:
     def step(self, *, abort: Iterable[str] = ()) -> StepRecord:
         """One engine step; ``abort`` arrives while the batch runs (the engine core handles those before
         ``update_from_output``)."""
-        scheduler_output = self.scheduler.schedule()
+        scheduler_output = self.scheduler.schedule(self.throttle_prefills)
         model_output = self.sample(scheduler_output)
         return self._finish_step(scheduler_output, model_output, abort)
 
@@ -364,7 +365,7 @@ class LaneDriver(StepDriver):
 
     def step(self, *, abort: Iterable[str] = (), decode_error: str | None = None) -> StepRecord:
         """One engine step. ``decode_error``: the decode lane's batch raises (its outputs are empty)."""
-        scheduler_output = self.scheduler.schedule()
+        scheduler_output = self.scheduler.schedule(self.throttle_prefills)
         assert isinstance(scheduler_output, RapidSchedulerOutput)
         launch = scheduler_output.prefill
         if launch is not None:

@@ -165,7 +165,9 @@ class RapidWorker(PlatformWorker):
         return times
 
     def _decode_batch_peak_bytes(self) -> int:
-        num_seqs = self.scheduler_config.max_num_seqs
+        # At least two: if this is the model's first forward (vLLM's CPU CI skips its warm-up), torch.compile would
+        # specialize a one-token dimension and reuse that graph for the prefill lane's batches.
+        num_seqs = max(2, self.scheduler_config.max_num_seqs)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
