@@ -46,10 +46,9 @@ class RapidSuite:
             (selected if selection.group_of(item.nodeid) else deselected).append(item)
             if self.baseline:
                 continue
-            if (reason := selection.BY_DESIGN.get(_function_id(item.nodeid), selection.BY_DESIGN.get(item.nodeid))):
-                item.add_marker(pytest.mark.xfail(reason=BY_DESIGN_PREFIX + reason, strict=True))
-            if (reason := selection.RAPID_BUGS.get(_function_id(item.nodeid), selection.RAPID_BUGS.get(item.nodeid))):
-                item.add_marker(pytest.mark.xfail(reason=RAPID_BUG_PREFIX + reason, strict=True))
+            for prefix, reasons in ((BY_DESIGN_PREFIX, selection.BY_DESIGN), (RAPID_BUG_PREFIX, selection.RAPID_BUGS)):
+                if (reason := selection.reason_for(reasons, item.nodeid)) is not None:
+                    item.add_marker(pytest.mark.xfail(reason=prefix + reason, strict=True))
         collected = {item.nodeid for item in items}
         files = {nodeid.split("::")[0] for nodeid in collected}
         stale = [
@@ -145,10 +144,6 @@ class RapidSuite:
         for problem in self.problems:
             terminalreporter.write_line(f"PROBLEM {problem}")
         terminalreporter.write_line(", ".join(f"{n} {what}" for what, n in counts.items()))
-
-
-def _function_id(nodeid: str) -> str:
-    return nodeid.split("[", 1)[0]
 
 
 def _rapid_by_default(init):

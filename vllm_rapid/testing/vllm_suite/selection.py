@@ -148,28 +148,15 @@ BY_DESIGN: dict[str, str] = {
 }
 
 # entry -> a RAPID bug the test found: what RAPID does, what vLLM expects.
-_DP_THROTTLE = (
-    "DP prefill balancing (schedule(throttle_prefills=True)) never defers a prefill under RAPID. vLLM's pass sets "
-    "defer_prefills = throttle_prefills and not prefill_capacity_bound and any(not r.is_prefill_chunk for r in "
-    "self.running); RapidScheduler._schedule_lane runs that pass with self.running narrowed to the lane's "
-    "requests, so in the prefill pass the decode lane's running requests never count as work to protect "
-    "(and the decode pass, whose waiting queue is empty, resets prefill_capacity_bound to False every step)"
-)
 RAPID_BUGS: dict[str, str] = {
-    "tests/v1/core/test_scheduler.py::test_schedule_prefills_gating[True]": (
-        _DP_THROTTLE + ": with 'run0' decoding, the throttled step admits the new request 'new0'"
-    ),
-    "tests/v1/core/test_scheduler.py::test_throttle_defers_inflight_prefill_chunk": (
-        _DP_THROTTLE + ": the throttled step schedules the next chunk of 'chk0' beside the decode of 'dec0'"
-    ),
     "tests/samplers/test_beam_search.py::test_beam_search_with_concurrency_limit": (
-        "with max_num_seqs=1 and vLLM's CPU CI setting (VLLM_CPU_CI_ENV=1: no warm-up run), every prefill batch "
-        "fails ('view size is not compatible with input tensor's size and stride' at q.view(1, -1, head_dim) in "
-        "the compiled LlamaModel.forward), so beam search finds no logprobs (IndexError). "
-        "RapidWorker.determine_available_memory's _dummy_run(max_num_seqs, uniform_decode=True) is then the "
-        "model's first forward: torch.compile traces it with num_tokens=1, the size-1 dimension is specialized, "
-        "and vLLM's guard-free compiled wrapper reuses that graph for the prefill lane's multi-token batches. "
-        "Passes with vLLM's scheduler, and with RAPID at max_num_seqs=2 or without VLLM_CPU_CI_ENV"
+        "a RAPID engine with max_num_seqs=1 fails at start-up: RapidWorker._decode_batch_peak_bytes runs "
+        "_dummy_run(max(2, max_num_seqs), uniform_decode=True), and vLLM's _dummy_run caps a uniform-decode batch "
+        "at max_num_seqs requests of one token, so `assert sum(num_scheduled_tokens_list) == num_tokens` fails "
+        "(2 tokens asked, 1 built). Before that probe asked for two tokens it ran one, which under vLLM's CPU CI "
+        "setting (VLLM_CPU_CI_ENV=1: no warm-up) was the model's first forward: torch.compile specialized the "
+        "one-token dimension and every prefill batch failed ('view size is not compatible' at q.view(1, -1, "
+        "head_dim)). Passes with vLLM's scheduler"
     ),
 }
 
@@ -177,6 +164,11 @@ RAPID_BUGS: dict[str, str] = {
 def matches(entry: str, nodeid: str) -> bool:
     """``entry`` names ``nodeid``: the same test, one of its parametrizations, or a test of the file."""
     return nodeid == entry or nodeid.startswith((entry + "[", entry + "::"))
+
+
+def reason_for(reasons: dict[str, str], nodeid: str) -> str | None:
+    """The reason an entry of ``reasons`` gives for ``nodeid`` (None: none names it)."""
+    return next((reason for entry, reason in reasons.items() if matches(entry, nodeid)), None)
 
 
 def group_of(nodeid: str) -> Group | None:
