@@ -90,6 +90,7 @@ class RapidScheduler(Scheduler):
     kv_holding_waiting: RequestQueue
     max_num_scheduled_tokens: int
     max_num_active_reqs: int
+    prefill_capacity_bound: bool
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         require_supported_vllm()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 from concurrent import futures
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -165,18 +166,21 @@ class RapidWorker(PlatformWorker):
         return times
 
     def _decode_batch_peak_bytes(self) -> int:
-        # At least two: if this is the model's first forward (vLLM's CPU CI skips its warm-up), torch.compile would
-        # specialize a one-token dimension and reuse that graph for the prefill lane's batches.
-        num_seqs = max(2, self.scheduler_config.max_num_seqs)
+        # At least two tokens: if this is the model's first forward (vLLM's CPU CI skips its warm-up), torch.compile
+        # would specialize a one-token dimension and reuse that graph for the prefill lane's batches. With one
+        # sequence at most, that is one request of two tokens (a uniform decode batch of one has one token).
+        num_seqs = self.scheduler_config.max_num_seqs
+        probe = functools.partial(self.model_runner._dummy_run, max(2, num_seqs), uniform_decode=num_seqs > 1,
+                                  is_profile=True)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            self.model_runner._dummy_run(num_seqs, uniform_decode=True, is_profile=True)
+            probe()
             return torch.cuda.max_memory_allocated() - base
         import psutil
 
         before = psutil.Process().memory_info().rss
-        self.model_runner._dummy_run(num_seqs, uniform_decode=True, is_profile=True)
+        probe()
         return max(psutil.Process().memory_info().rss - before, 0)
 
     # ---- the step ---------------------------------------------------------------------------------------------
