@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import re
 import shlex
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ from benchmarks.mechanism_lib.runner import StackRunner
 from benchmarks.mechanism_lib.trace import PRESETS, TraceRequest, make_trace
 from vllm_rapid.config import RapidConfig
 from vllm_rapid.lanes.arm import AdaptiveResourceManager
-from vllm_rapid.lanes.lane import LANE_GIL_SWITCH_INTERVAL_S, Lane
+from vllm_rapid.lanes.lane import LANE_GIL_SWITCH_INTERVAL_S, LaneName
 from vllm_rapid.lanes.partition import PartitionBackend, create_partition_backend
 from vllm_rapid.lanes.step_time import DecodeProfile, RooflineEstimate, StepTimeModel
 from vllm_rapid.testing.overlap import gaps_ms
@@ -166,8 +167,8 @@ class Benchmark:
             self.runner.capture(self.backend, splits)
             print(f"captured {len(self.runner.buckets) * len(splits)} decode graphs in "
                   f"{time.perf_counter() - started:.1f} s", flush=True)
-        self.lanes = {name: Lane(name, thread_init=_thread_init(self.backend, name, device))
-                      for name in ("decode", "prefill")}
+        device_init = functools.partial(torch.cuda.set_device, device) if device.type == "cuda" else None
+        self.lanes = {lane.value: self.backend.make_lane(lane, device_init=device_init) for lane in LaneName}
         self.config = EngineConfig(args.block_size, args.max_num_seqs, args.prefill_batch_tokens,
                                    args.drain_timeout_s)
         self.profile = DecodeProfile.load(args.arm_profile) if args.arm_profile else None
@@ -195,21 +196,6 @@ class Benchmark:
             torch.cuda.synchronize()
         self.runner.release_graphs()
         self.backend.close()
-
-
-def _thread_init(backend: PartitionBackend, lane: str, device: torch.device) -> Callable[[], None] | None:
-    """What a lane's thread runs first: the backend's own (on CPU its OpenMP team and priority), and on CUDA the
-    device."""
-    backend_init = backend.thread_init(lane)
-    if device.type != "cuda":
-        return backend_init
-
-    def init() -> None:
-        torch.cuda.set_device(device)
-        if backend_init is not None:
-            backend_init()
-
-    return init
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 import os
 import sys
 import threading
@@ -13,7 +14,7 @@ import pytest
 import torch
 from fake_backend import FakeBackend
 
-from vllm_rapid.lanes.lane import Lane, LaneName
+from vllm_rapid.lanes.lane import Lane, LaneName, current_lane
 from vllm_rapid.lanes.partition import Split, create_partition_backend, select
 from vllm_rapid.lanes.partition.base import candidate_units, plan_decode_units, round_units
 from vllm_rapid.lanes.partition.cu_mask import (
@@ -161,6 +162,33 @@ def test_threads_backend_lowers_the_prefill_lanes_priority():
     finally:
         for lane in lanes:
             lane.close()
+
+
+def test_threads_backend_runs_the_decode_lane_inline_and_the_prefill_lane_on_its_thread():
+    """The worker waits for every decode step, so on CPU the decode lane runs in the caller's thread (with that
+    thread's OpenMP team); the prefill lane keeps its own lower-priority thread."""
+    backend = ThreadsBackend(cores=2)
+    decode, prefill = (backend.make_lane(lane) for lane in (LaneName.DECODE, LaneName.PREFILL))
+    caller = threading.get_ident()
+    try:
+        future = decode.submit(lambda: (threading.get_ident(), current_lane()))
+        assert future.done() and future.result() == (caller, "decode") and current_lane() is None
+        assert future.event is not None and future.event.lane == "decode"
+        failed = decode.submit(operator.truediv, 1, 0)
+        assert isinstance(failed.exception(), ZeroDivisionError) and current_lane() is None
+        where = prefill.run(lambda: (threading.get_ident(), current_lane(),
+                                     os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+        assert where[0] != caller and where[1:] == ("prefill", os.getpriority(os.PRIO_PROCESS, 0)
+                                                    + CPU_PREFILL_NICENESS)
+    finally:
+        decode.close()
+        prefill.close()
+        backend.close()
+
+
+def test_an_inline_lane_has_no_thread_to_init():
+    with pytest.raises(ValueError, match="inline"):
+        Lane("decode", inline=True, thread_init=lambda: None)
 
 
 # --- selection ---

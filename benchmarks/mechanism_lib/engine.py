@@ -165,7 +165,8 @@ class ServingRun:
             self._admit()
             if now < deadline:
                 busy = {work.lane for work in inflight.values()}
-                for lane in self.lanes:
+                # Prefill first: an inline decode lane (CPU) runs its step in this thread as it is submitted.
+                for lane in sorted(self.lanes, key=lambda name: name != "prefill"):
                     if lane not in busy and (work := self._next_work(lane)) is not None:
                         inflight[self._submit(work)] = work
             if not inflight:

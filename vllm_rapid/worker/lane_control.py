@@ -16,7 +16,7 @@ import torch
 
 from vllm_rapid.config import RapidConfig
 from vllm_rapid.lanes.arm import AdaptiveResourceManager, ArmDecision, ArmReason
-from vllm_rapid.lanes.lane import ContextFactory, LaneName
+from vllm_rapid.lanes.lane import ContextFactory
 from vllm_rapid.lanes.partition import PartitionBackend, create_partition_backend
 from vllm_rapid.lanes.partition.offered import OfferedSplits
 from vllm_rapid.lanes.step_time import RooflineEstimate
@@ -47,9 +47,6 @@ class LaneController:
         self.roofline: RooflineEstimate | None = None
         self.decode_graphs: DecodeGraphs | None = None
         self.last_decision = ArmDecision(self.backend.full_split(), ArmReason.START_UP, "start-up")
-
-    def thread_init(self, lane: LaneName):
-        return self.backend.thread_init(lane)
 
     def attach_model(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], num_kv_tokens: int) -> None:
         """Size the ARM's roofline estimate once weights and KV are known."""

@@ -26,7 +26,7 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.workspace import use_workspace_lane
 
 from vllm_rapid.config import RapidConfig
-from vllm_rapid.lanes.lane import ContextFactory, Lane, LaneFuture, LaneName
+from vllm_rapid.lanes.lane import ContextFactory, LaneFuture, LaneName
 from vllm_rapid.patch.cpu_kernels import use_thread_safe_cpu_kernels
 from vllm_rapid.patch.cpu_sampling import spare_generators_of_discarded_samples
 from vllm_rapid.patch.forward_context import apply_thread_local_forward_context
@@ -97,9 +97,9 @@ class RapidWorker(PlatformWorker):
         # After the platform's device set-up: the partition backend is built on this worker's own device.
         self.lane_control = LaneController(self.rapid_config, self.device)
         record = self.rapid_config.record_lane_events
+        backend = self.lane_control.backend
         self.decode_lane, self.prefill_lane = (
-            Lane(lane.value, thread_init=self.lane_control.thread_init(lane), record_events=record)
-            for lane in (LaneName.DECODE, LaneName.PREFILL)
+            backend.make_lane(lane, record_events=record) for lane in (LaneName.DECODE, LaneName.PREFILL)
         )
         self.prefill_runner = runner_cls(self.vllm_config, self.device)
         if self.device.type == "cuda":

@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from vllm_rapid.lanes.lane import ContextFactory
+from vllm_rapid.lanes.lane import ContextFactory, Lane, LaneName
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,9 @@ class PartitionBackend(ABC):
     # Both lanes may run at once on the full split (streams on a GPU share its SMs); False where they would
     # oversubscribe the units (CPU threads), so the ARM gives overlapping lanes a partition instead.
     full_split_runs_both_lanes: bool = True
+    # The decode lane runs in the worker's own thread (its caller waits for every step anyway), not a thread of its
+    # own (CPU: see ThreadsBackend).
+    inline_decode_lane: bool = False
 
     def __init__(self, total_units: int) -> None:
         self._total_units = total_units
@@ -125,6 +128,20 @@ class PartitionBackend(ABC):
     def thread_init(self, lane: str) -> Callable[[], None] | None:
         """What a lane's thread runs once when it starts (None: nothing)."""
         return None
+
+    def make_lane(self, lane: LaneName, *, record_events: bool = False,
+                  device_init: Callable[[], None] | None = None) -> Lane:
+        """The lane as this backend runs it: the decode lane inline where ``inline_decode_lane``, otherwise a thread
+        that runs ``device_init`` (e.g. selecting the CUDA device) and then the backend's ``thread_init``."""
+        if lane == LaneName.DECODE and self.inline_decode_lane:
+            return Lane(lane.value, record_events=record_events, inline=True)
+        inits = [init for init in (device_init, self.thread_init(lane)) if init is not None]
+
+        def thread_init() -> None:
+            for init in inits:
+                init()
+
+        return Lane(lane.value, record_events=record_events, thread_init=thread_init if inits else None)
 
     @abstractmethod
     def close(self) -> None:
