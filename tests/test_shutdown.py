@@ -13,7 +13,10 @@ from vllm_rapid.testing.server import Server, metric
 pytestmark = pytest.mark.slow
 
 
-SHORT, LONG = 6, 3  # requests decoding for a while, and long prompts whose prefill is in flight at SIGTERM
+# Requests decoding for a while (long enough that they still decode while the long prompts arrive and prefill, also
+# on a slow machine), and long prompts whose prefill is in flight at SIGTERM; all fit the KV cache (16,384 tokens).
+SHORT, LONG = 6, 3
+SHORT_TOKENS, LONG_PROMPT = 768, 3000
 
 
 def test_sigterm_drains_both_lanes(small_model, tmp_path):
@@ -32,12 +35,18 @@ def test_sigterm_drains_both_lanes(small_model, tmp_path):
                                                  temperature=0.0, extra_body={"ignore_eos": True})
             results[i] = (response.usage.completion_tokens, response.choices[0].finish_reason)
 
-        def in_engine() -> float:
-            m = server.metrics()
-            return metric(m, "vllm:num_requests_running") + metric(m, "vllm:num_requests_waiting")
+        seen: list[tuple[float, float, float]] = []  # (in the engine, prefilling, decoding) at each look
 
-        threads = [threading.Thread(target=one, args=(i, 30, 256)) for i in range(SHORT)]
-        threads += [threading.Thread(target=one, args=(i, 3000, 16)) for i in range(SHORT, SHORT + LONG)]
+        def draining_both_lanes() -> bool:
+            m = server.metrics()  # one scrape: the three values of one moment
+            seen.append((metric(m, "vllm:num_requests_running") + metric(m, "vllm:num_requests_waiting"),
+                         metric(m, "vllm_rapid:prefill_inflight_requests"),
+                         metric(m, "vllm_rapid:decode_batch_requests")))
+            in_engine, prefilling, decoding = seen[-1]
+            return in_engine == SHORT + LONG and prefilling >= 1 and decoding >= 1
+
+        threads = [threading.Thread(target=one, args=(i, 30, SHORT_TOKENS)) for i in range(SHORT)]
+        threads += [threading.Thread(target=one, args=(i, LONG_PROMPT, 16)) for i in range(SHORT, SHORT + LONG)]
         for thread in threads[:SHORT]:
             thread.start()
         assert _wait_for(lambda: metric(server.metrics(), "vllm_rapid:decode_batch_requests") == SHORT, 60)
@@ -45,16 +54,16 @@ def test_sigterm_drains_both_lanes(small_model, tmp_path):
             thread.start()
         # Every request is in the engine (one arriving after SIGTERM is refused with an abort, with vLLM's own
         # scheduler too), a prefill batch is in flight and the short requests decode: then ask it to stop.
-        assert _wait_for(lambda: in_engine() == SHORT + LONG
-                         and metric(server.metrics(), "vllm_rapid:prefill_inflight_requests") >= 1
-                         and metric(server.metrics(), "vllm_rapid:decode_batch_requests") >= 1, 60), server.log_tail()
+        looks = f"(in engine, prefilling, decoding), last looks: {seen[-40:]}"
+        assert _wait_for(draining_both_lanes, 60), f"{looks}\n{server.log_tail()}"
         server.proc.send_signal(signal.SIGTERM)
         for thread in threads:
             thread.join(timeout=180)
         assert server.proc.wait(timeout=120) == 0, server.log_tail()
     log = server.log()
     assert "[shutdown] EngineCore: draining in-flight requests" in log, server.log_tail()
-    expected = {i: (256, "length") for i in range(SHORT)} | {i: (16, "length") for i in range(SHORT, SHORT + LONG)}
+    expected = {i: (SHORT_TOKENS, "length") for i in range(SHORT)}
+    expected |= {i: (16, "length") for i in range(SHORT, SHORT + LONG)}
     assert results == expected, results
 
 

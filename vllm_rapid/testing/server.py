@@ -21,6 +21,7 @@ from typing import Any
 
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT_S = 300.0
+POLLING = ('"GET /metrics HTTP', '"GET /health HTTP')  # uvicorn's access lines for the harness's own requests
 
 
 class ServerStartError(RuntimeError):
@@ -104,8 +105,10 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
     def log_tail(self, lines: int = 80) -> str:
+        """The last ``lines`` of the log, without the access lines of the harness's own polling."""
         with contextlib.suppress(OSError):
-            return "\n".join(self.log().splitlines()[-lines:])
+            kept = [line for line in self.log().splitlines() if not any(poll in line for poll in POLLING)]
+            return "\n".join(kept[-lines:])
         return "(no server log)"
 
     def healthy(self) -> bool:
