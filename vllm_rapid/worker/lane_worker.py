@@ -40,7 +40,7 @@ from vllm_rapid.patch.workspace import DECODE_WORKSPACE_LANE, PREFILL_WORKSPACE_
 from vllm_rapid.protocol import PrefillLaunch, PrefillResult, RapidModelRunnerOutput, RapidSchedulerOutput
 from vllm_rapid.worker.decode_graphs import DecodeGraphs, partition_graph_bytes
 from vllm_rapid.worker.encoder_cache import PrefillEncoderCache
-from vllm_rapid.worker.lane_control import LaneController
+from vllm_rapid.worker.lane_control import LaneController, worker_cpu_cores
 from vllm_rapid.worker.lane_states import LaneStates
 from vllm_rapid.worker.tp_group import create_lane_tp_group, current_tp_group_name
 from vllm_rapid.worker.workspace_lanes import grow_prefill_workspace
@@ -95,7 +95,8 @@ class RapidWorker(PlatformWorker):
                 "set VLLM_USE_V2_MODEL_RUNNER=0"
             )
         # After the platform's device set-up: the partition backend is built on this worker's own device.
-        self.lane_control = LaneController(self.rapid_config, self.device)
+        cores = worker_cpu_cores(self.parallel_config) if self.device.type == "cpu" else None
+        self.lane_control = LaneController(self.rapid_config, self.device, cpu_cores=cores)
         record = self.rapid_config.record_lane_events
         backend = self.lane_control.backend
         self.decode_lane, self.prefill_lane = (
@@ -196,6 +197,10 @@ class RapidWorker(PlatformWorker):
             # this rank's lane is at most a moment behind (the batch's collectives tie them). Catch up, so every
             # rank's lanes run the same batches in the same order.
             self._collect_prefill(timeout=None)
+        finished = self._finished_prefill
+        if finished is not None and finished.batch_id <= scheduler_output.last_completed_prefill:
+            # The scheduler has this batch's result from the output rank (this rank's lane finished it after its
+            # last step ended, or just now): drop this rank's copy, the step may launch the next batch.
             self._finished_prefill = None
         self.lane_states.finish(scheduler_output.finished_req_ids)
         self.prefill_encoder_cache.defer(scheduler_output.free_encoder_mm_hashes)
