@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import types
 
+import pytest
 import torch
 from vllm.v1.core.sched.output import SchedulerOutput
 
@@ -15,7 +16,7 @@ from vllm_rapid.lanes.partition.base import Split
 from vllm_rapid.lanes.partition.threads import ThreadsBackend
 from vllm_rapid.protocol import RapidSchedulerOutput
 from vllm_rapid.worker.decode_graphs import DecodeGraphs
-from vllm_rapid.worker.lane_control import LaneController
+from vllm_rapid.worker.lane_control import LaneController, worker_cpu_cores
 
 EIGHT_CORES = 8
 
@@ -56,7 +57,7 @@ def test_the_partition_backend_is_built_on_the_workers_own_device(monkeypatch):
     """Under data parallelism or a non-zero local rank the worker's device is not GPU 0: the backend gets its index."""
     built = {}
 
-    def fake_create(name, device_index, decode_units):
+    def fake_create(name, device_index, decode_units, cpu_cores):
         built["device_index"] = device_index
         return ThreadsBackend(cores=2)
 
@@ -77,3 +78,26 @@ def test_the_worker_builds_its_lanes_after_device_init():
     init_device = inspect.getsource(RapidWorker.init_device)
     assert init_device.index("super().init_device()") < init_device.index("LaneController(")
     assert "self.device" in init_device
+
+
+@pytest.mark.parametrize(
+    ("executor", "world", "reserved", "allowed", "expected"),
+    [
+        ("mp", 1, None, 2, 1),  # vLLM keeps one core for the engine core's poller, as its own binding does
+        ("mp", 1, None, 16, 15),
+        ("mp", 2, None, 16, 7),  # one reserved core per local rank, the rest shared among the ranks
+        ("mp", 2, None, 2, 1),  # never fewer than one
+        ("mp", 1, "0", 2, 2),  # VLLM_CPU_NUM_OF_RESERVED_CPU decides, as in vLLM
+        ("uni", 1, None, 2, 2),  # in-process: nothing polls
+    ],
+)
+def test_cpu_lanes_get_the_cores_vllm_gives_a_worker(monkeypatch, executor, world, reserved, allowed, expected):
+    from vllm.config import ParallelConfig
+
+    if reserved is None:
+        monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    else:
+        monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", reserved)
+    config = ParallelConfig(tensor_parallel_size=world, distributed_executor_backend=executor)
+    assert config.local_world_size == world
+    assert worker_cpu_cores(config, allowed_cores=allowed) == expected

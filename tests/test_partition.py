@@ -223,7 +223,7 @@ def test_start_up_failure_falls_back_to_streams_with_one_warning(monkeypatch, ca
     monkeypatch.setattr(torch.version, "hip", None)
     tried = []
 
-    def fake_create(name, device_index, decode_units):
+    def fake_create(name, device_index, decode_units, cpu_cores):
         tried.append(name)
         if name == "green_context":
             raise ImportError("No module named 'cuda.bindings'")
@@ -252,7 +252,7 @@ def test_an_explicitly_requested_backend_that_fails_fails_the_start_up(monkeypat
     monkeypatch.setattr(torch.version, "cuda", "12.8")
     monkeypatch.setattr(torch.version, "hip", None)
 
-    def fake_create(name, device_index, decode_units):
+    def fake_create(name, device_index, decode_units, cpu_cores):
         raise RuntimeError(f"{name} is unavailable here")
 
     monkeypatch.setattr(select, "_create", fake_create)

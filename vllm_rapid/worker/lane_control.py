@@ -10,9 +10,11 @@ device (``vllm_rapid.worker.decode_graphs``).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
+from vllm.config import ParallelConfig
 
 from vllm_rapid.config import RapidConfig
 from vllm_rapid.lanes.arm import AdaptiveResourceManager, ArmDecision, ArmReason
@@ -22,6 +24,25 @@ from vllm_rapid.lanes.partition.offered import OfferedSplits
 from vllm_rapid.lanes.step_time import RooflineEstimate
 from vllm_rapid.protocol import ArmState, RapidSchedulerOutput
 from vllm_rapid.worker.decode_graphs import DecodeGraphs
+
+
+def worker_cpu_cores(parallel_config: ParallelConfig, allowed_cores: int | None = None) -> int:
+    """The cores one CPU worker's lanes share: the share vLLM's own CPU binding gives a rank (``OMPProcessManager``
+    with ``VLLM_CPU_OMP_THREADS_BIND=auto``, which RAPID turns off to run two OpenMP teams).
+
+    With the multiprocessing executor vLLM keeps cores for the engine-core process, which busy-polls its workers
+    (one per local rank, or ``VLLM_CPU_NUM_OF_RESERVED_CPU``): a decode team that also takes those cores waits at
+    every OpenMP barrier for a thread the poller preempted (measured on 2 cores: a 4-request decode step 3.0 ms on
+    vLLM's one bound core, 4-11 ms with a two-thread team). In-process (the uniprocessing executor) nothing polls.
+    """
+    from vllm import envs
+
+    allowed = allowed_cores or len(os.sched_getaffinity(0))
+    if parallel_config.distributed_executor_backend != "mp":
+        return allowed
+    world = parallel_config.local_world_size
+    reserved = world if envs.VLLM_CPU_NUM_OF_RESERVED_CPU is None else envs.VLLM_CPU_NUM_OF_RESERVED_CPU
+    return max(1, (allowed - reserved) // world)
 
 
 @dataclass(frozen=True)
@@ -36,12 +57,12 @@ class LaneContexts:
 class LaneController:
     """Owns the partition backend and the ARM of one worker."""
 
-    def __init__(self, config: RapidConfig, device: torch.device) -> None:
+    def __init__(self, config: RapidConfig, device: torch.device, cpu_cores: int | None = None) -> None:
         self.config = config
         self.device = device
         kind = "cpu" if device.type == "cpu" else "cuda"
         self.backend: PartitionBackend = create_partition_backend(
-            config.partition_backend, kind, device_index=device.index or 0
+            config.partition_backend, kind, device_index=device.index or 0, cpu_cores=cpu_cores
         )
         self.arm: AdaptiveResourceManager | None = None
         self.roofline: RooflineEstimate | None = None

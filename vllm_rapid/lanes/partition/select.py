@@ -45,10 +45,12 @@ def create_partition_backend(
     *,
     device_index: int = 0,
     decode_units: Sequence[int] | None = None,
+    cpu_cores: int | None = None,
 ) -> PartitionBackend:
     """Create the backend ``name`` (a RapidConfig.partition_backend value) for ``device_kind`` ('cuda' or 'cpu').
 
     ``decode_units`` lists the decode partition sizes to pre-create (SMs or CUs; default: fractions of the device).
+    ``cpu_cores``: the cores the CPU lanes share (default: every core the process may run on).
     """
     vendor = gpu_vendor(device_kind)
     allowed = _BACKENDS_BY_VENDOR[vendor]
@@ -58,10 +60,10 @@ def create_partition_backend(
                 f"rapid.partition_backend={name!r} cannot run on this device ({vendor}); "
                 f"choose one of {['auto', *allowed]}"
             )
-        return _create(name, device_index, decode_units)
+        return _create(name, device_index, decode_units, cpu_cores)
     preferred, *fallbacks = allowed
     try:
-        return _create(preferred, device_index, decode_units)
+        return _create(preferred, device_index, decode_units, cpu_cores)
     except Exception as exc:  # auto: a start-up failure degrades; the warning keeps the cause
         if not fallbacks:
             raise
@@ -69,10 +71,11 @@ def create_partition_backend(
             "partition backend %r failed to start (%s: %s); falling back to %r (no spatial partitioning)",
             preferred, type(exc).__name__, exc, fallbacks[0],
         )
-        return _create(fallbacks[0], device_index, decode_units)
+        return _create(fallbacks[0], device_index, decode_units, cpu_cores)
 
 
-def _create(name: str, device_index: int, decode_units: Sequence[int] | None) -> PartitionBackend:
+def _create(name: str, device_index: int, decode_units: Sequence[int] | None,
+            cpu_cores: int | None) -> PartitionBackend:
     if name == "green_context":
         from vllm_rapid.lanes.partition.green_context import GreenContextBackend
 
@@ -87,4 +90,4 @@ def _create(name: str, device_index: int, decode_units: Sequence[int] | None) ->
         return StreamsBackend(device_index)
     from vllm_rapid.lanes.partition.threads import ThreadsBackend
 
-    return ThreadsBackend(decode_units=decode_units)
+    return ThreadsBackend(cores=cpu_cores, decode_units=decode_units)
