@@ -15,6 +15,7 @@ from vllm import LLM, SamplingParams
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
 from vllm_rapid.testing.overlap import summarize_overlap
+from vllm_rapid.worker.lane_control import worker_cpu_cores
 
 pytestmark = pytest.mark.slow
 
@@ -151,7 +152,9 @@ def test_structured_output_is_enforced_on_both_lanes(rapid_llm):
     assert_idle_and_clean(rapid_llm)
 
 
-def test_decode_is_not_blocked_by_a_long_prefill(small_model):
+def test_decode_is_not_blocked_by_a_long_prefill(small_model, monkeypatch):
+    # The lanes get every core (vLLM keeps none for the engine core's poller), so the ARM has a partition to give.
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     llm = make_llm(small_model, "rapid", record_lane_events=True)
     engine = llm.llm_engine
     decode_params = SamplingParams(temperature=0.0, max_tokens=3000, ignore_eos=True)
@@ -267,10 +270,13 @@ def test_preemption_under_kv_pressure_loses_nothing(tiny_model, default_llm):
 
 
 def test_arm_state_is_exported(rapid_llm):
-    """On CPU the lanes are threads: with no prefill running, decode has every core (the paper's P100-D100)."""
+    """On CPU the lanes are threads: with no prefill running, decode has every core vLLM gives the worker (the
+    paper's P100-D100)."""
+    rapid_llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2), use_tqdm=False)  # decisions, also when run alone
     state = rapid_llm.collective_rpc("rapid_arm_state")[0]
     assert state["backend"] == "threads"
-    assert state["label"] == "P100-D100" and state["split"]["total_units"] == len(os.sched_getaffinity(0))
+    cores = worker_cpu_cores(rapid_llm.llm_engine.vllm_config.parallel_config)
+    assert state["label"] == "P100-D100" and state["split"]["total_units"] == cores
     assert state["reason"] in {"light_load", "no_decode"} and state["detail"]
 
 
