@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from vllm import envs
 from vllm.config import ParallelConfig
 
 from vllm_rapid.config import RapidConfig
@@ -32,11 +33,9 @@ def worker_cpu_cores(parallel_config: ParallelConfig, allowed_cores: int | None 
 
     With the multiprocessing executor vLLM keeps cores for the engine-core process, which busy-polls its workers
     (one per local rank, or ``VLLM_CPU_NUM_OF_RESERVED_CPU``): a decode team that also takes those cores waits at
-    every OpenMP barrier for a thread the poller preempted (measured on 2 cores: a 4-request decode step 3.0 ms on
-    vLLM's one bound core, 4-11 ms with a two-thread team). In-process (the uniprocessing executor) nothing polls.
+    every OpenMP barrier for a thread the poller preempted (2 cores, a 4-request decode step: 3.5 ms on one core,
+    5.3 ms on both; benchmarks/results/cpu-decode-step-cores). In-process (the uniprocessing executor) nothing polls.
     """
-    from vllm import envs
-
     allowed = allowed_cores or len(os.sched_getaffinity(0))
     if parallel_config.distributed_executor_backend != "mp":
         return allowed
