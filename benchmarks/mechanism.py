@@ -10,6 +10,12 @@ repository root:
     python -m benchmarks.mechanism --rates 4,10,16 --duration-s 8 --drain-timeout-s 10   # H200, ~6 min
     python -m benchmarks.mechanism --device cpu --hidden-size 64 ...                      # CPU smoke (see tests)
 
+The two-lane policies: ``lanes`` (both lanes always on the whole device), ``lanes-static`` and ``lanes-arm``
+(disjoint partitions: a fixed split, or the ARM's), and ``lanes-shared-static`` / ``lanes-shared-arm`` (the
+shared-pool layout: each lane a floor plus a pool both may use, ``--shared-pool-fraction`` of the device; needs SM or
+CU partitions, so not on CPU). An ``--arm-profile`` drives the ARM of the layout it was measured in; the other layout's
+ARM uses the roofline estimate.
+
 ``--itl-slo-ms auto`` picks an SLO at which the ARM must partition: midway between the full split's and the fastest
 partition's predicted decode step at a mid load (batch 32, context 2048); at a lax SLO (50 ms on an H200) the ARM
 never leaves full overlap and ``lanes-arm`` is ``lanes``. The lanes' threads run with the worker's GIL switch
@@ -41,7 +47,7 @@ from benchmarks.mechanism_lib.metrics import ITL_SLO_STATS, OverlapBound, RunSum
 from benchmarks.mechanism_lib.paged import PagedKVCache
 from benchmarks.mechanism_lib.runner import StackRunner
 from benchmarks.mechanism_lib.trace import PRESETS, TraceRequest, make_trace
-from vllm_rapid.config import RapidConfig
+from vllm_rapid.config import DEFAULT_SHARED_POOL_FRACTION, RapidConfig
 from vllm_rapid.lanes.arm import AdaptiveResourceManager
 from vllm_rapid.lanes.lane import LANE_GIL_SWITCH_INTERVAL_S, LaneName
 from vllm_rapid.lanes.partition import PartitionBackend, create_partition_backend
@@ -86,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--partition-backend", default="auto", help="as rapid.partition_backend")
     p.add_argument("--static-decode-fraction", type=float, default=0.5, help="lanes-static: decode's share")
+    p.add_argument("--shared-pool-fraction", type=float, default=DEFAULT_SHARED_POOL_FRACTION,
+                   help="lanes-shared-*: the device's share in the pool both lanes may use")
     p.add_argument("--arm-profile", help="a `vllm-rapid profile` YAML for the ARM (default: roofline estimate)")
     p.add_argument("--block-size", type=int, default=16, help="KV cache block (page) size in tokens")
     p.add_argument("--max-num-seqs", type=int, default=256)
@@ -146,8 +154,19 @@ class Benchmark:
         self.args, self.device = args, device
         self.dims = ModelDims(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ModelDims)})
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # CPU: fp32 kernels are the fast ones
-        self.backend: PartitionBackend = create_partition_backend(args.partition_backend, device.type,
-                                                                  device_index=device.index or 0)
+        # One backend per layout the policies use; the disjoint one always (serial and hybrid run on its full split).
+        layouts = ["disjoint", *sorted({p.layout for p in policies if p.two_lanes} - {"disjoint"})]
+        self.backends: dict[str, PartitionBackend] = {}
+        try:
+            for layout in layouts:
+                self.backends[layout] = create_partition_backend(
+                    args.partition_backend, device.type, device_index=device.index or 0, layout=layout,
+                    shared_pool_fraction=args.shared_pool_fraction,
+                )
+        except BaseException:
+            self._close_backends()
+            raise
+        self.backend = self.backends["disjoint"]
         self.stack = LlamaStack(self.dims, device, dtype)
         bytes_per_block = self.dims.kv_bytes_per_token(dtype.itemsize) * args.block_size
         needed = args.max_num_seqs * -(-max_seq_len // args.block_size) + 1
@@ -162,11 +181,13 @@ class Benchmark:
             # Weights, cache and inputs were made on the default stream; the lanes' non-blocking streams read them
             # at once (graph warm-ups, then eager prefill steps) without waiting for it.
             torch.cuda.synchronize()
-            splits = self.backend.splits() if any(p.arm for p in policies) else [self.backend.full_split()]
             started = time.perf_counter()
-            self.runner.capture(self.backend, splits)
-            print(f"captured {len(self.runner.buckets) * len(splits)} decode graphs in "
-                  f"{time.perf_counter() - started:.1f} s", flush=True)
+            captured = 0
+            for layout, backend in self.backends.items():
+                uses_splits = any(p.arm and p.layout == layout for p in policies)
+                splits = backend.splits() if uses_splits else [backend.full_split()]
+                captured += self.runner.capture(backend, splits)
+            print(f"captured {captured} decode graphs in {time.perf_counter() - started:.1f} s", flush=True)
         device_init = functools.partial(torch.cuda.set_device, device) if device.type == "cuda" else None
         self.lanes = {lane.value: self.backend.make_lane(lane, device_init=device_init) for lane in LaneName}
         self.config = EngineConfig(args.block_size, args.max_num_seqs, args.prefill_batch_tokens,
@@ -179,23 +200,30 @@ class Benchmark:
         self.itl_slo_ms = (partitioning_itl_slo(model, self.backend) if args.itl_slo_ms == "auto"
                            else float(args.itl_slo_ms))
 
-    def make_arm(self, arm_policy: str) -> AdaptiveResourceManager:
+    def make_arm(self, backend: PartitionBackend, arm_policy: str) -> AdaptiveResourceManager:
         config = RapidConfig(itl_slo_ms=self.itl_slo_ms, ttft_slo_ms=self.args.ttft_slo_ms, arm_policy=arm_policy,
                              static_decode_fraction=self.args.static_decode_fraction)
-        return AdaptiveResourceManager(config, self.backend, profile=self.profile, roofline=self.roofline)
+        profile = self.profile if self.profile is not None and self.profile.layout == backend.layout else None
+        return AdaptiveResourceManager(config, backend, profile=profile, roofline=self.roofline)
 
     def run(self, policy: Policy, trace: list[TraceRequest], rate: float) -> RunResult:
-        serving = ServingRun(policy, trace, self.runner, self.backend, self.lanes, self.config, self.make_arm, rate)
+        backend = self.backends[policy.layout]
+        serving = ServingRun(policy, trace, self.runner, backend, self.lanes, self.config,
+                             functools.partial(self.make_arm, backend), rate)
         return serving.run()
 
     def close(self) -> None:
-        """Lanes, then the graphs, then the backend: a graph must go before the green context it was captured on."""
+        """Lanes, then the graphs, then the backends: a graph must go before the green context it was captured on."""
         for lane in self.lanes.values():
             lane.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.runner.release_graphs()
-        self.backend.close()
+        self._close_backends()
+
+    def _close_backends(self) -> None:
+        for backend in self.backends.values():
+            backend.close()
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -239,7 +267,9 @@ def _main(args: argparse.Namespace, argv: list[str], policies: list[Policy]) -> 
     with torch.inference_mode():
         bench = Benchmark(args, policies, device, max_seq_len)
         report.update(backend=bench.backend.name, total_units=bench.backend.total_units,
-                      splits=[s.label for s in bench.backend.splits()], model=bench.dims.describe(),
+                      splits=[s.label for s in bench.backend.splits()],
+                      layouts={name: [asdict(s) for s in b.splits()] for name, b in bench.backends.items()},
+                      model=bench.dims.describe(),
                       itl_slo_ms=bench.itl_slo_ms, arm_model="profile" if bench.profile else "roofline estimate")
         print(f"backend {bench.backend.name} ({report['splits']}), ITL SLO {bench.itl_slo_ms:.1f} ms "
               f"({report['arm_model']})", flush=True)
@@ -283,11 +313,17 @@ def _finish(report: dict, runs: dict[tuple[str, float], RunResult], summaries: l
     report["bound"] = {
         str(s.rate): asdict(OverlapBound.from_serial(s)) for s in by_policy.get("serial", [])
     }
-    timelines = {
-        rate: [(round(step.start_s, 4), step.decode_units) for step in run.steps if step.lane == "decode"]
-        for (policy, rate), run in runs.items() if policy == "lanes-arm"
+    arm_timelines = {
+        policy: {
+            rate: [(round(step.start_s, 4), step.decode_units) for step in run.steps if step.lane == "decode"]
+            for (name, rate), run in runs.items() if name == policy
+        }
+        for policy in ("lanes-arm", "lanes-shared-arm")
     }
+    timelines = arm_timelines["lanes-arm"]
     report["lanes_arm_partition"] = {str(rate): points for rate, points in timelines.items()}
+    if arm_timelines["lanes-shared-arm"]:
+        report["lanes_shared_arm_partition"] = {str(r): p for r, p in arm_timelines["lanes-shared-arm"].items()}
     (out / "results.json").write_text(json.dumps(report, indent=1))
     rates = list(args.rates)
     cdf_rate = args.cdf_rate if args.cdf_rate in rates else rates[len(rates) // 2]

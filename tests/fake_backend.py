@@ -12,10 +12,14 @@ class FakeBackend(PartitionBackend):
 
     name = "fake"
 
-    def __init__(self, total: int, decode_units: list[int]) -> None:
+    def __init__(self, total: int, decode_units: list[int], shared_units: int = 0) -> None:
+        """``shared_units`` > 0: the shared_pool layout, each decode partition (``decode_units``) and its prefill
+        partition meeting in that many units."""
         super().__init__(total)
+        self.layout = "shared_pool" if shared_units else "disjoint"
         for units in decode_units:
-            self._register(Split(units, total - units, total, False), contextlib.nullcontext, contextlib.nullcontext)
+            split = Split(units, total - units + shared_units, total, False, shared_units)
+            self._register(split, contextlib.nullcontext, contextlib.nullcontext)
         self._register(self.full_split(), contextlib.nullcontext, contextlib.nullcontext)
 
     def close(self) -> None:

@@ -8,8 +8,13 @@
  * It checks the sequence as the real driver would answer it, and records what a real driver would not say:
  *   - every call but cuInit, cuDriverGetVersion and cuGetErrorName/String needs cuInit first (NOT_INITIALIZED);
  *   - calls on "the current context" need one bound to the calling thread (INVALID_CONTEXT otherwise);
- *   - cuDevSmResourceSplitByCount rounds the group up to 8 SMs (2 with IGNORE_SM_COSCHEDULING) and returns the rest
- *     as the remainder, on a device of FAKE_CUDA_SMS SMs (default 132, an H200);
+ *   - cuDevSmResourceSplitByCount rounds the groups up to 8 SMs (2 with IGNORE_SM_COSCHEDULING) and returns the rest
+ *     as the remainder, on a device of FAKE_CUDA_SMS SMs (default 132, an H200); each resource knows which SMs it
+ *     holds (groups in order, then the remainder) and the split that made it, in its internal padding;
+ *   - cuDevResourceGenerateDesc over several SM resources needs them to come from one split and to have the same
+ *     smCoscheduledAlignment (INVALID_RESOURCE_CONFIGURATION otherwise, as documented); FAKE_CUDA_REMAINDER_ALIGNMENT
+ *     gives remainders another alignment than their groups, to see a driver refuse a group plus its remainder;
+ *     green contexts report the SMs they hold ("green 1: 44 SMs 0-7,96-131");
  *   - green contexts need CU_GREEN_CTX_DEFAULT_STREAM, their streams CU_STREAM_NON_BLOCKING; each green context
  *     holds a reference to the primary context, as cuGreenCtxCreate documents;
  *   - destroying a green context that still has streams, destroying anything twice, releasing the primary context
@@ -42,12 +47,20 @@ typedef struct CUdevResource_st {
 } CUdevResource;
 _Static_assert(sizeof(CUdevResource) == 144, "CUdevResource layout");
 
-typedef struct { int id; int kind; int alive; unsigned sms; int owner; unsigned flags; int priority; } Object;
+/* What this fake keeps in a resource's internal padding: the split that made it (0: the device's) and its first SM. */
+typedef struct { int split; unsigned first_sm; } Origin;
+_Static_assert(sizeof(Origin) <= 92, "Origin fits the padding");
+
+enum { MAX_SMS = 256 };
+typedef struct {
+    int id; int kind; int alive; unsigned sms; int owner; unsigned flags; int priority;
+    unsigned char held[MAX_SMS];  /* descriptors and green contexts: which SMs */
+} Object;
 enum { PRIMARY = 1, DESC = 2, GREEN = 3, STREAM = 4 };
 
-static int initialized, total_sms = 132, primary_refs, primary_retains, num_objects;
+static int initialized, total_sms = 132, primary_refs, primary_retains, num_objects, splits_made, remainder_alignment;
 static Object objects[MAX_OBJECTS];
-static Object primary = {0, PRIMARY, 1, 0, -1, 0, 0};
+static Object primary = {0, PRIMARY, 1, 0, -1, 0, 0, {0}};
 static __thread Object *current;
 static char calls[65536], events[65536], violations[16384], fail_name[128];
 static int fail_at, fail_count;
@@ -86,7 +99,7 @@ static int count(int kind, int owner, int alive_only) {
 static Object *make(int kind, unsigned sms, int owner, unsigned flags, int priority) {
     if (num_objects == MAX_OBJECTS) return NULL;
     Object *o = &objects[num_objects];
-    *o = (Object){count(kind, -1, 0) + 1, kind, 1, sms, owner, flags, priority};
+    *o = (Object){count(kind, -1, 0) + 1, kind, 1, sms, owner, flags, priority, {0}};
     num_objects++;
     return o;
 }
@@ -108,9 +121,12 @@ static Object *lookup(void *handle, int kind, const char *call) {
 
 CUresult cuInit(unsigned int flags) {
     const char *sms = getenv("FAKE_CUDA_SMS"), *fail = getenv("FAKE_CUDA_FAIL");
+    const char *alignment = getenv("FAKE_CUDA_REMAINDER_ALIGNMENT");
     CALL("cuInit");
     if (flags) return INVALID_VALUE;
     if (sms) total_sms = atoi(sms);
+    if (total_sms > MAX_SMS) total_sms = MAX_SMS;
+    if (alignment) remainder_alignment = atoi(alignment);
     if (fail) {
         const char *colon = strchr(fail, ':');
         snprintf(fail_name, sizeof fail_name, "%.*s", colon ? (int)(colon - fail) : (int)strlen(fail), fail);
@@ -199,13 +215,36 @@ CUresult cuCtxGetStreamPriorityRange(int *least, int *greatest) {
     return SUCCESS;
 }
 
+static Origin origin(const CUdevResource *resource) {
+    Origin o;
+    memcpy(&o, resource->internal_padding, sizeof o);
+    return o;
+}
+
+static void sm_resource(CUdevResource *resource, unsigned sms, unsigned granularity, unsigned alignment, Origin o) {
+    memset(resource, 0, sizeof *resource);
+    resource->type = RESOURCE_TYPE_SM;
+    resource->sm = (SmResource){sms, granularity, alignment, 0};
+    memcpy(resource->internal_padding, &o, sizeof o);
+}
+
+/* "0-7,96-131": the SMs of a mask, as ranges. */
+static void ranges(const unsigned char *held, char *out, size_t size) {
+    *out = 0;
+    for (int i = 0; i < MAX_SMS; i++) {
+        if (!held[i] || (i > 0 && held[i - 1])) continue;
+        int j = i;
+        while (j + 1 < MAX_SMS && held[j + 1]) j++;
+        size_t at = strlen(out);
+        snprintf(out + at, size - at, "%s%d-%d", at ? "," : "", i, j);
+    }
+}
+
 CUresult cuDeviceGetDevResource(CUdevice device, CUdevResource *resource, int type) {
     ENTER("cuDeviceGetDevResource");
     if (device != 0) return INVALID_DEVICE;
     if (type != RESOURCE_TYPE_SM) return INVALID_RESOURCE_TYPE;
-    memset(resource, 0, sizeof *resource);
-    resource->type = RESOURCE_TYPE_SM;
-    resource->sm = (SmResource){(unsigned)total_sms, 2, 8, 0};
+    sm_resource(resource, (unsigned)total_sms, 2, 8, (Origin){0, 0});
     return SUCCESS;
 }
 
@@ -221,16 +260,14 @@ CUresult cuDevSmResourceSplitByCount(CUdevResource *result, unsigned int *groups
         return SUCCESS;
     }
     if (*groups == 0 || *groups > possible) return INVALID_RESOURCE_CONFIGURATION;
-    for (unsigned i = 0; i < *groups; i++) {
-        memset(&result[i], 0, sizeof result[i]);
-        result[i].type = RESOURCE_TYPE_SM;
-        result[i].sm = (SmResource){size, granularity, granularity, 0};
-    }
-    if (remainder != NULL) {
-        memset(remainder, 0, sizeof *remainder);
-        remainder->type = RESOURCE_TYPE_SM;
-        remainder->sm = (SmResource){input->sm.smCount - *groups * size, granularity, granularity, 0};
-    }
+    int split = ++splits_made;
+    unsigned first = origin(input).first_sm;
+    for (unsigned i = 0; i < *groups; i++)
+        sm_resource(&result[i], size, granularity, granularity, (Origin){split, first + i * size});
+    if (remainder != NULL)
+        sm_resource(remainder, input->sm.smCount - *groups * size, granularity,
+                    remainder_alignment ? (unsigned)remainder_alignment : granularity,
+                    (Origin){split, first + *groups * size});
     EVENT("split %u SMs flags=%u min=%u: %u x %u + %u", input->sm.smCount, flags, min_count, *groups, size,
          input->sm.smCount - *groups * size);
     return SUCCESS;
@@ -242,10 +279,16 @@ CUresult cuDevResourceGenerateDesc(void **desc, CUdevResource *resources, unsign
     unsigned sms = 0;
     for (unsigned i = 0; i < count; i++) {
         if (resources[i].type != RESOURCE_TYPE_SM) return INVALID_RESOURCE_TYPE;
+        if (count > 1 && (origin(&resources[i]).split == 0 || origin(&resources[i]).split != origin(resources).split
+                          || resources[i].sm.smCoscheduledAlignment != resources[0].sm.smCoscheduledAlignment))
+            return INVALID_RESOURCE_CONFIGURATION;
         sms += resources[i].sm.smCount;
     }
     Object *o = make(DESC, sms, -1, 0, 0);
     if (o == NULL) return OUT_OF_MEMORY;
+    for (unsigned i = 0; i < count; i++)
+        for (unsigned sm = 0; sm < resources[i].sm.smCount; sm++)
+            if (origin(&resources[i]).first_sm + sm < MAX_SMS) o->held[origin(&resources[i]).first_sm + sm] = 1;
     *desc = o;
     return SUCCESS;
 }
@@ -258,8 +301,11 @@ CUresult cuGreenCtxCreate(void **green, void *desc, CUdevice device, unsigned in
     if (flags != GREEN_CTX_DEFAULT_STREAM) return INVALID_VALUE;
     Object *o = make(GREEN, d->sms, -1, flags, 0);
     if (o == NULL) return OUT_OF_MEMORY;
+    memcpy(o->held, d->held, sizeof o->held);
     primary_refs++;  /* "This API will retain the primary context on device" */
-    EVENT("green %d: %u SMs", o->id, o->sms);
+    char held[1024];
+    ranges(o->held, held, sizeof held);
+    EVENT("green %d: %u SMs %s", o->id, o->sms, held);
     *green = o;
     return SUCCESS;
 }

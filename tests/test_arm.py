@@ -168,6 +168,16 @@ def test_profile_from_another_device_is_refused():
         AdaptiveResourceManager(RapidConfig(), make_backend(total=132, decode_units=[40]), profile=make_profile())
 
 
+def test_profile_of_another_partition_layout_is_refused():
+    """A shared-pool split and a disjoint one of the same decode size run differently: the profile must match."""
+    shared = FakeBackend(TOTAL, [40, 60], shared_units=20)
+    with pytest.raises(ProfileError, match="'disjoint' partition layout.*'shared_pool'.*--layout shared_pool"):
+        AdaptiveResourceManager(RapidConfig(), shared, profile=make_profile())
+    profile = dataclasses.replace(make_profile(), layout="shared_pool")
+    arm = AdaptiveResourceManager(RapidConfig(itl_slo_ms=30.0, arm_hysteresis_steps=1), shared, profile=profile)
+    assert arm.decide(HEAVY).split.shared_units == 20
+
+
 def test_adaptive_policy_needs_a_profile_or_an_estimate():
     with pytest.raises(ValueError, match="profile"):
         AdaptiveResourceManager(RapidConfig(), make_backend())
@@ -192,6 +202,9 @@ def test_profile_yaml_round_trip(tmp_path):
     make_profile().save(path)
     assert yaml.safe_load(path.read_text())["version"] == 1
     assert DecodeProfile.load(path) == make_profile()
+    shared = dataclasses.replace(make_profile(), layout="shared_pool")
+    shared.save(path)
+    assert DecodeProfile.load(path) == shared
 
 
 def test_arm_loads_the_profile_named_by_the_config(tmp_path):
@@ -224,6 +237,7 @@ def _good() -> dict:
         (lambda d: d["decode"][0].update(decode_units=101), "exceeds total_units=100"),
         (lambda d: d["decode"][0].update(step_ms=True), r"decode\[0\].step_ms must be a positive number"),
         (lambda d: d.update(colour="blue"), r"unknown field\(s\) \['colour'\]"),
+        (lambda d: d.update(layout="pooled"), r"layout must be one of \['disjoint', 'shared_pool'\]"),
         # Prefill throughput was measured but drove no decision: the table holds decode steps only.
         (lambda d: d.update(prefill=[{"prefill_units": 60}]), r"unknown field\(s\) \['prefill'\]"),
     ],
@@ -267,6 +281,28 @@ def test_roofline_estimate_shape():
     assert estimate.decode_step_ms(half, 64, 8192) > estimate.decode_step_ms(half, 1, 512)
     unknown = RooflineEstimate.for_device("Mystery GPU", 16e9, 131072, 132)
     assert unknown.decode_step_ms(half, 1, 512) > estimate.decode_step_ms(half, 1, 512)
+
+
+def test_roofline_counts_contention_on_the_shared_pool_only():
+    """Decode on a floor plus a shared pool competes with the prefill on the pool's part of its units: slower than a
+    disjoint partition of the same size, faster than the whole device under overlap."""
+    estimate = llama8b_on_h200()
+    disjoint, shared = Split(84, 48, 132, False), Split(84, 84, 132, False, 36)
+    alone = estimate.decode_step_ms(disjoint, 32, 2048)
+    assert estimate.decode_step_ms(shared, 32, 2048) == pytest.approx(alone * (1 + 0.5 * 36 / 84))
+    assert estimate.decode_step_ms(shared, 32, 2048) < estimate.decode_step_ms(Split.full(132), 32, 2048)
+
+
+def test_the_arm_sizes_a_shared_pool_split_like_a_disjoint_one():
+    """Same decisions over shared-pool splits: full overlap at light load, the smallest decode partition (floor plus
+    pool) predicted to meet the SLO under a prefill. The pool's contention costs units: at 35 ms, 68 disjoint SMs
+    would do (29.4 ms, as above), 68 of them shared 37.2 ms, 84 35.7 ms, 100 34.7 ms."""
+    backend = FakeBackend(132, [60, 68, 84, 100, 108], shared_units=36)
+    arm = AdaptiveResourceManager(RapidConfig(itl_slo_ms=35.0, arm_hysteresis_steps=1), backend,
+                                  roofline=llama8b_on_h200())
+    heavy = arm.decide(ArmInputs(128, 4096, 100.0, True))
+    assert (heavy.split.decode_units, heavy.split.shared_units, heavy.reason) == (100, 36, ArmReason.HEAVY_LOAD)
+    assert arm.decide(ArmInputs(128, 4096, 0.0, False)).split == backend.full_split()
 
 
 def test_roofline_is_used_without_a_profile_and_says_so_once(caplog):

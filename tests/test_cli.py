@@ -288,3 +288,6 @@ def test_refused_features_name_themselves_and_why(tiny_model, no_rapid_env):
     with pytest.raises(ValueError, match=r"does not support --async-scheduling: its engine steps are synchronous"):
         EngineArgs(model=tiny_model, scheduler="rapid", load_format="dummy", async_scheduling=True,
                    kv_cache_memory_bytes=16 << 20).create_engine_config()
+    with pytest.raises(ValueError, match=r"partition_layout='shared_pool' needs SM or CU partitions.*'threads'"):
+        EngineArgs(model=tiny_model, scheduler="rapid", load_format="dummy", kv_cache_memory_bytes=16 << 20,
+                   additional_config={"rapid": {"partition_layout": "shared_pool"}}).create_engine_config()

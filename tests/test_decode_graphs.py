@@ -240,6 +240,22 @@ def test_each_partition_gets_its_own_graphs_captured_on_its_decode_stream_and_re
             assert entry.cudagraph.replayed_on == [f"d:{split.label}"]  # the warm-up replay, on its partition
 
 
+def test_shared_pool_splits_get_graphs_of_their_own_beside_a_disjoint_split_of_the_same_size(capture_scope):
+    """A shared-pool split (floor plus pool) is keyed apart from a disjoint split of the same decode size: its graphs
+    are captured on its own decode stream and a step on it replays them there."""
+    shared = Split(50, 75, TOTAL_SMS, False, 25)
+    runner = FakeRunner()
+    graphs = captured(runner, NamedStreams((D50, shared)))
+    assert set(graphs._entries) == {D50, shared} and shared.label == "P75-D50"
+    effective, context = graphs.decode_lane(decision(shared), decode_step(3))
+    assert effective.split == shared
+    assert run_on_decode_lane(context, runner.step, decode_step(3)) == "out"
+    padded = BatchDescriptor(4, 4, True)
+    assert graphs._entries[shared][padded].cudagraph.captured_on == "d:P75-D50"
+    assert graphs._entries[shared][padded].cudagraph.replayed_on == ["d:P75-D50", "d:P75-D50"]  # warm-up, this step
+    assert graphs._entries[D50][padded].cudagraph.replayed_on == ["d:P50-D50"]  # its warm-up only
+
+
 def test_the_memory_reserve_counts_one_decode_graph_set_per_partition_at_vllms_cost_per_graph():
     assert graph_reserve_bytes(100 << 20, vllm_graphs=50, partition_graphs=10) == 20 << 20
     assert graph_reserve_bytes(10 << 20, vllm_graphs=50, partition_graphs=10) == 10 * MIN_GRAPH_BYTES  # vLLM's floor

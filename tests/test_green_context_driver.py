@@ -82,11 +82,11 @@ def test_a_fresh_process_retains_the_primary_context_and_splits_each_pair_once(d
     assert built["current_is_primary"] and built["primary_retains"] == 1
     assert built["events"] == [
         "split 132 SMs flags=0 min=40: 1 x 40 + 92",
-        "green 1: 40 SMs", "stream 1 on green 1: priority -5",  # decode at the device's greatest priority
-        "green 2: 92 SMs", "stream 2 on green 2: priority 0",
+        "green 1: 40 SMs 0-39", "stream 1 on green 1: priority -5",  # decode at the device's greatest priority
+        "green 2: 92 SMs 40-131", "stream 2 on green 2: priority 0",
         "split 132 SMs flags=0 min=72: 1 x 72 + 60",
-        "green 3: 72 SMs", "stream 3 on green 3: priority -5",
-        "green 4: 60 SMs", "stream 4 on green 4: priority 0",
+        "green 3: 72 SMs 0-71", "stream 3 on green 3: priority -5",
+        "green 4: 60 SMs 72-131", "stream 4 on green 4: priority 0",
     ]
     # Our retain plus one held by each green context.
     assert built["primary_refs"] == 5 and built["live_streams"] == 4 and built["violations"] == []
@@ -119,6 +119,49 @@ def test_fine_grained_splits_use_the_coscheduling_flag_of_cuda_bindings_13(drive
     assert result["units"] == [34, H200_SMS]
     assert result["missing"] == 'Function "cuCtxSynchronize" not found'
     assert "split 132 SMs flags=1 min=34: 1 x 34 + 98" in result["state"]["events"]
+    assert_released(result["state"])
+
+
+def test_the_shared_pool_layout_is_one_split_whose_remainder_every_context_shares(driver):
+    """shared_pool: ONE split into equal groups; each decode context is its floor of groups plus the remainder, each
+    prefill context the other groups plus the same remainder, so every pair overlaps in exactly the remainder; decode
+    at the greatest priority; every context and stream released."""
+    result = run("""
+        backend = GreenContextBackend(layout="shared_pool")
+        splits = [(s.decode_units, s.prefill_units, s.shared_units, s.full_overlap, s.label) for s in backend.splits()]
+        built = driver_state()
+        backend.close()
+        emit(splits=splits, built=built, closed=driver_state(), layout=backend.layout)
+    """, driver)
+    assert result["layout"] == "shared_pool"
+    # 132 SMs, a 25% pool: 12 groups of 8 (96 SMs) and a remainder of 36; decode floors of 3, 4, 6, 8 and 9 groups.
+    assert result["splits"] == [
+        [60, 108, 36, False, "P82-D45"], [68, 100, 36, False, "P76-D52"], [84, 84, 36, False, "P64-D64"],
+        [100, 68, 36, False, "P52-D76"], [108, 60, 36, False, "P45-D82"], [H200_SMS, H200_SMS, H200_SMS, True,
+                                                                              "P100-D100"],
+    ]
+    events = result["built"]["events"]
+    assert [e for e in events if e.startswith("split")] == ["split 132 SMs flags=0 min=8: 12 x 8 + 36"]
+    assert [e for e in events if e.startswith("green")][:4] == [
+        "green 1: 60 SMs 0-23,96-131", "green 2: 108 SMs 24-131", "green 3: 68 SMs 0-31,96-131",
+        "green 4: 100 SMs 32-131",
+    ]
+    assert [e.split(": ")[1] for e in events if e.startswith("stream")] == ["priority -5", "priority 0"] * 5
+    assert result["built"]["violations"] == []
+    assert_released(result["closed"])
+
+
+def test_a_driver_refusing_a_group_plus_its_remainder_fails_the_shared_pool_loudly(driver):
+    """The driver documents that several SM resources in one descriptor must have the same co-scheduled alignment:
+    where the remainder's differs, the layout cannot exist, and the error says so instead of falling back."""
+    result = run("""
+        try:
+            GreenContextBackend(layout="shared_pool")
+        except GreenContextError as exc:
+            emit(error=str(exc), state=driver_state())
+    """, driver, FAKE_CUDA_REMAINDER_ALIGNMENT="4")
+    assert result["error"].startswith("cuDevResourceGenerateDesc failed: CUDA_ERROR_INVALID_RESOURCE_CONFIGURATION")
+    assert "partition_layout: disjoint" in result["error"]
     assert_released(result["state"])
 
 

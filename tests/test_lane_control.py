@@ -54,17 +54,19 @@ def test_ranks_fed_the_same_steps_decide_the_same_splits():
 
 
 def test_the_partition_backend_is_built_on_the_workers_own_device(monkeypatch):
-    """Under data parallelism or a non-zero local rank the worker's device is not GPU 0: the backend gets its index."""
+    """Under data parallelism or a non-zero local rank the worker's device is not GPU 0: the backend gets its index,
+    and the configured partition layout."""
     built = {}
 
-    def fake_create(name, device_index, decode_units, cpu_cores):
-        built["device_index"] = device_index
+    def fake_create(name, *, device_index, layout, shared_pool_fraction, **options):
+        built.update(device_index=device_index, layout=layout, shared_pool_fraction=shared_pool_fraction)
         return ThreadsBackend(cores=2)
 
     monkeypatch.setattr(select, "gpu_vendor", lambda kind: "nvidia")
     monkeypatch.setattr(select, "_create", fake_create)
-    LaneController(RapidConfig(partition_backend="streams"), torch.device("cuda", 3))
-    assert built == {"device_index": 3}
+    config = RapidConfig(partition_backend="green_context", partition_layout="shared_pool", shared_pool_fraction=0.3)
+    LaneController(config, torch.device("cuda", 3))
+    assert built == {"device_index": 3, "layout": "shared_pool", "shared_pool_fraction": 0.3}
 
 
 def test_the_worker_builds_its_lanes_after_device_init():

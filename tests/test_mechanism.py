@@ -130,6 +130,38 @@ def test_lanes_static_runs_both_lanes_on_the_fixed_split():
     assert {step.decode_units for step in run.steps} == {static.decode_units}
 
 
+def test_shared_pool_policies_run_on_a_backend_of_that_layout(monkeypatch):
+    """lanes-shared-* get a second backend, in the shared-pool layout, and their ARM is built over its splits; the
+    other policies keep the disjoint one. (CPU threads cannot share cores: the shared backend is stood in for by
+    thread splits labelled shared_pool, which is enough for the routing.)"""
+    made = []
+
+    def create(name, kind, *, layout, **options):
+        backend = ThreadsBackend(cores=2)
+        backend.layout = layout
+        made.append(layout)
+        return backend
+
+    monkeypatch.setattr(mechanism, "create_partition_backend", create)
+    bench, traces = _bench(policies=("lanes-static", "lanes-shared-static"))
+    try:
+        assert made == ["disjoint", "shared_pool"]
+        arms = []
+        make_arm = bench.make_arm
+        bench.make_arm = lambda backend, policy: (arms.append(backend.layout), make_arm(backend, policy))[1]
+        for name in ("lanes-shared-static", "lanes-static"):
+            run = bench.run(Policy.parse(name), traces[60.0], 60.0)
+            assert all(r.generated == r.req.output_len for r in run.requests)
+    finally:
+        bench.close()
+    assert arms == ["shared_pool", "disjoint"]
+
+
+def test_shared_pool_policies_on_cpu_threads_are_refused_with_the_reason():
+    with pytest.raises(ValueError, match="shared_pool.*oversubscribe the cores"):
+        _bench(policies=("lanes-shared-arm",))
+
+
 def test_cpu_lanes_run_the_backends_thread_init():
     """The threads backend's prefill lane runs at a lower OS priority (and its own OpenMP team), as in the worker."""
     bench, _ = _bench()
@@ -258,6 +290,9 @@ def test_traces_are_seeded_and_policies_parsed():
     assert Policy.parse("hybrid-768").chunk_budget == 768 and Policy.parse("lanes-arm").arm
     assert Policy.parse("hybrid-512-i4").prefill_interval == 4 and Policy.parse("hybrid-512").prefill_interval is None
     assert Policy.parse("lanes-static").arm_policy == "static" and not Policy.parse("lanes").arm
+    shared = Policy.parse("lanes-shared-arm")
+    assert (shared.arm_policy, shared.layout, Policy.parse("lanes-arm").layout) == ("adaptive", "shared_pool",
+                                                                                     "disjoint")
     for bad in ("hybrid-0", "hybrid-512-i0", "lanes-dynamic"):
         with pytest.raises(ValueError):
             Policy.parse(bad)
@@ -281,8 +316,11 @@ def test_triton_decode_attention_matches_torch():
 @needs_gpu
 @pytest.mark.gpu
 def test_harness_on_gpu_with_graphs(tmp_path):
+    policies = [*DEFAULT_POLICIES, "lanes-shared-static", "lanes-shared-arm"]
     report = mechanism.main([*TINY_ARGS, "--device", "cuda", "--rates", "20,60", "--partition-backend",
-                             "green_context", "--out", str(tmp_path)])
+                             "green_context", "--policies", ",".join(policies), "--out", str(tmp_path)])
     assert report["backend"] == "green_context" and len(report["splits"]) > 1
+    shared = [s for s in report["layouts"]["shared_pool"] if not s["full_overlap"]]
+    assert shared and all(s["shared_units"] > 0 for s in shared)
     assert all(r["finished"] == r["num_requests"] for r in report["runs"])
     assert (tmp_path / "partition.png").exists()

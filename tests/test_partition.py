@@ -16,7 +16,13 @@ from fake_backend import FakeBackend
 
 from vllm_rapid.lanes.lane import Lane, LaneName, current_lane
 from vllm_rapid.lanes.partition import Split, create_partition_backend, select
-from vllm_rapid.lanes.partition.base import candidate_units, plan_decode_units, round_units
+from vllm_rapid.lanes.partition.base import (
+    candidate_units,
+    plan_decode_units,
+    plan_shared_pool,
+    round_units,
+    shared_pool_floors,
+)
 from vllm_rapid.lanes.partition.cu_mask import (
     MI300X_CUS,
     MI300X_XCDS,
@@ -24,7 +30,9 @@ from vllm_rapid.lanes.partition.cu_mask import (
     complementary_masks,
     cus_per_xcd,
     infer_xcd_count,
+    mask_pairs,
     mask_words,
+    shared_pool_masks,
 )
 from vllm_rapid.lanes.partition.green_context import (
     FINE_SM_GRANULARITY,
@@ -102,6 +110,55 @@ def test_mask_words_pack_32_cus_per_word_low_word_first():
 )
 def test_infer_xcd_count(arch, cus, xcds):
     assert infer_xcd_count(arch, cus) == xcds
+
+
+# --- the shared-pool layout ---
+
+
+def test_a_split_covers_the_device_and_overlaps_in_exactly_its_shared_units():
+    shared = Split(60, 108, H200_SMS, False, 36)
+    assert (shared.decode_floor, shared.label) == (24, "P82-D45")
+    assert Split(40, 92, H200_SMS, False).shared_units == 0
+    # However the full split is built, it is the same one (a dict key of the ARM and the decode graphs).
+    assert Split(H200_SMS, H200_SMS, H200_SMS, True) == Split.full(H200_SMS)
+    assert Split.full(H200_SMS).shared_units == H200_SMS
+    for bad in ((60, 108, H200_SMS, False), (60, 100, H200_SMS, False, 36), (60, 108, H200_SMS, False, 70)):
+        with pytest.raises(ValueError, match="cover the device"):
+            Split(*bad)
+
+
+def test_the_shared_pool_plan_leaves_each_lane_a_floor_and_the_rest_to_the_pool():
+    plan = plan_shared_pool(H200_SMS, SM_GRANULARITY, 0.25)
+    assert (plan.group_units, plan.num_groups, plan.shared_units(H200_SMS)) == (8, 12, 36)
+    assert plan.decode_groups == (3, 4, 6, 8, 9)
+    # Requested decode partitions (floor plus pool) round up to whole groups; each lane keeps a group.
+    assert shared_pool_floors(12, 8, 36, [40, 72, 36, 500]) == (1, 5, 11)
+    assert plan_shared_pool(H200_SMS, FINE_SM_GRANULARITY, 0.5).shared_units(H200_SMS) == 66
+    for total, fraction in ((H200_SMS, 0.0), (H200_SMS, 1.0), (20, 0.25), (H200_SMS, 0.99)):
+        with pytest.raises(ValueError):
+            plan_shared_pool(total, SM_GRANULARITY, fraction)
+
+
+def test_shared_pool_cu_masks_meet_in_the_pool_and_stay_balanced_over_the_xcds():
+    pairs = mask_pairs(MI300X_CUS, MI300X_XCDS, "shared_pool", 0.25)
+    assert [s.label for s in pairs] == ["P82-D45", "P74-D53", "P63-D63", "P53-D74", "P45-D82"]
+    everything = (1 << MI300X_CUS) - 1
+    for split, (decode, prefill) in pairs.items():
+        assert split.shared_units == 80 and bin(decode & prefill).count("1") == 80
+        assert decode | prefill == everything
+        assert bin(decode).count("1") == split.decode_units and bin(prefill).count("1") == split.prefill_units
+        for mask in (decode, prefill, decode & prefill):
+            assert len(set(cus_per_xcd(mask, MI300X_XCDS))) == 1
+    with pytest.raises(ValueError, match="balanced"):
+        shared_pool_masks(12, 80, MI300X_CUS, MI300X_XCDS)
+
+
+@pytest.mark.parametrize("name", ["threads", "auto"])
+def test_a_shared_pool_on_cpu_threads_is_refused_with_the_reason(name):
+    with pytest.raises(ValueError, match="shared_pool.*oversubscribe the cores.*partition_layout: disjoint"):
+        create_partition_backend(name, "cpu", layout="shared_pool")
+    with pytest.raises(ValueError, match="partition_layout must be one of"):
+        create_partition_backend(name, "cpu", layout="pooled")
 
 
 # --- the backend interface ---
@@ -223,7 +280,7 @@ def test_start_up_failure_falls_back_to_streams_with_one_warning(monkeypatch, ca
     monkeypatch.setattr(torch.version, "hip", None)
     tried = []
 
-    def fake_create(name, device_index, decode_units, cpu_cores):
+    def fake_create(name, **options):
         tried.append(name)
         if name == "green_context":
             raise ImportError("No module named 'cuda.bindings'")
@@ -252,7 +309,7 @@ def test_an_explicitly_requested_backend_that_fails_fails_the_start_up(monkeypat
     monkeypatch.setattr(torch.version, "cuda", "12.8")
     monkeypatch.setattr(torch.version, "hip", None)
 
-    def fake_create(name, device_index, decode_units, cpu_cores):
+    def fake_create(name, **options):
         raise RuntimeError(f"{name} is unavailable here")
 
     monkeypatch.setattr(select, "_create", fake_create)
@@ -333,6 +390,21 @@ def test_cu_mask_backend_creates_balanced_complementary_streams(monkeypatch, fak
     assert hip.destroyed
 
 
+def test_cu_mask_backend_creates_shared_pool_streams(monkeypatch, fake_torch_cuda):
+    from vllm_rapid.lanes.partition import cu_mask
+
+    props = types.SimpleNamespace(multi_processor_count=MI300X_CUS, gcnArchName="gfx942:sramecc+:xnack-")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    hip = FakeHipStreams()
+    monkeypatch.setattr(cu_mask, "_HipStreams", lambda: hip)
+    backend = cu_mask.CuMaskBackend(layout="shared_pool")
+    assert backend.layout == "shared_pool"
+    pairs = mask_pairs(MI300X_CUS, MI300X_XCDS, "shared_pool")
+    assert backend.splits() == [*pairs, Split.full(MI300X_CUS)]
+    assert hip.created == [mask_words(m, MI300X_CUS) for pair in pairs.values() for m in pair]
+    backend.close()
+
+
 def test_cu_mask_without_hip_python_falls_back_to_ctypes(monkeypatch):
     from vllm_rapid.lanes.partition import cu_mask
 
@@ -371,6 +443,31 @@ def test_gpu_partitions_are_disjoint_and_close_to_their_size(green_backend):
             assert result.disjoint, (split, used)
             for lane, units in (("decode", split.decode_units), ("prefill", split.prefill_units)):
                 assert 0.9 * units <= used[lane] <= units, (split, lane, used)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_shared_pool_lanes_meet_in_exactly_the_pool():
+    """Alone, each lane reaches its floor plus the pool; the two reach the same SMs only in the pool."""
+    from vllm_rapid.tools.sm_probe import probe_lane_sms
+
+    backend = create_partition_backend("green_context", "cuda", layout="shared_pool")
+    try:
+        partitions = [s for s in backend.splits() if not s.full_overlap]
+        assert backend.layout == "shared_pool" and partitions
+        for split in partitions:
+            decode, prefill = backend.lane_contexts(split)
+            alone = {lane: probe_lane_sms({lane: ctx}).sm_sets[lane] for lane, ctx in (("decode", decode),
+                                                                                        ("prefill", prefill))}
+            used = {lane: len(sms) for lane, sms in alone.items()}
+            for lane, units in (("decode", split.decode_units), ("prefill", split.prefill_units)):
+                assert 0.9 * units <= used[lane] <= units, (split, lane, used)
+            assert len(alone["decode"] & alone["prefill"]) <= split.shared_units, (split, used)
+            assert len(alone["decode"] & alone["prefill"]) >= 0.9 * split.shared_units, (split, used)
+            assert len(alone["decode"] | alone["prefill"]) >= 0.9 * split.total_units, (split, used)
+    finally:
+        torch.cuda.synchronize()
+        backend.close()
 
 
 @pytest.mark.gpu

@@ -158,6 +158,8 @@ def test_rapid_metrics_on_prometheus_endpoint(server, client):
     prefill_units = metric(m, "vllm_rapid:partition_units", lane="prefill")
     assert decode_units >= 1 and prefill_units >= 1
     assert metric(m, "vllm_rapid:partition_total_units") >= max(decode_units, prefill_units)
+    # CPU thread splits are disjoint, or the full split on which both lanes share every core.
+    assert metric(m, "vllm_rapid:partition_shared_units") in (0, metric(m, "vllm_rapid:partition_total_units"))
     reasons = {k: v for k, v in m.items() if k.startswith("vllm_rapid:arm_reason{")}
     assert sorted(reasons.values()) == [0.0] * (len(reasons) - 1) + [1.0], reasons
     # Idle now: nothing queued, nothing in flight.

@@ -61,6 +61,8 @@ def test_rapid_config_sources(tmp_path, monkeypatch):
         ({"arm_policy": "greedy"}, "must be one of"),
         ({"static_decode_fraction": 1.5}, "static_decode_fraction"),
         ({"prefill_chunk_tokens": 0}, "prefill_chunk_tokens"),
+        ({"partition_layout": "pooled"}, r"rapid.partition_layout must be one of \['disjoint', 'shared_pool'\]"),
+        ({"shared_pool_fraction": 1.0}, r"rapid.shared_pool_fraction must be in \(0, 1\)"),
     ],
 )
 def test_bad_rapid_options_are_named(options, message):

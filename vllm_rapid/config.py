@@ -19,6 +19,8 @@ from typing import Any, Literal, get_args, get_type_hints
 
 PartitionBackendName = Literal["auto", "green_context", "cu_mask", "streams", "threads"]
 ArmPolicyName = Literal["adaptive", "full_overlap", "static"]
+PartitionLayoutName = Literal["disjoint", "shared_pool"]
+DEFAULT_SHARED_POOL_FRACTION = 0.25
 
 CONFIG_ENV = "VLLM_RAPID_CONFIG"
 ADDITIONAL_CONFIG_KEY = "rapid"
@@ -40,6 +42,11 @@ class RapidConfig:
     partition_backend: PartitionBackendName = "auto"
     # "adaptive": the ARM sizes the decode partition from the profile; "full_overlap": both lanes always
     # on the whole device; "static": decode always gets ``static_decode_fraction`` of the device.
+    # How the partitions lie (GPUs): "disjoint" (decode some SMs/CUs, prefill the rest) or "shared_pool" (each lane
+    # a reserved floor plus a pool of ``shared_pool_fraction`` of the device that both may use, decode at the higher
+    # stream priority). Either way the full split (both lanes on the whole device) is offered too.
+    partition_layout: PartitionLayoutName = "disjoint"
+    shared_pool_fraction: float = DEFAULT_SHARED_POOL_FRACTION
     arm_policy: ArmPolicyName = "adaptive"
     static_decode_fraction: float = 0.5
     # Profile table written by ``vllm-rapid profile``; without one the ARM uses a roofline estimate.
@@ -74,6 +81,10 @@ class RapidConfig:
         if not 0.0 < self.static_decode_fraction < 1.0:
             raise RapidConfigError(
                 f"rapid.static_decode_fraction must be in (0, 1), got {self.static_decode_fraction!r}"
+            )
+        if not 0.0 < self.shared_pool_fraction < 1.0:
+            raise RapidConfigError(
+                f"rapid.shared_pool_fraction must be in (0, 1), got {self.shared_pool_fraction!r}"
             )
         if self.prefill_chunk_tokens is not None and self.prefill_chunk_tokens < 1:
             raise RapidConfigError(f"rapid.prefill_chunk_tokens must be >= 1, got {self.prefill_chunk_tokens!r}")

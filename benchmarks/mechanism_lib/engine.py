@@ -33,12 +33,16 @@ from benchmarks.mechanism_lib.trace import TraceRequest
 from vllm_rapid.lanes.arm import AdaptiveResourceManager, ArmInputs, DecodeObservation
 from vllm_rapid.lanes.lane import Lane
 from vllm_rapid.lanes.partition import PartitionBackend, Split
+from vllm_rapid.lanes.partition.base import PartitionLayout
 
 DEFAULT_POLICIES = (
     "serial", "hybrid-512", "hybrid-1024", "hybrid-2048", "hybrid-512-i4", "lanes", "lanes-static", "lanes-arm"
 )
-# Two-lane policies -> the ARM policy that picks their splits (None: always the full split).
-_LANE_POLICIES = {"lanes": None, "lanes-static": "static", "lanes-arm": "adaptive"}
+# Two-lane policies -> (the ARM policy that picks their splits (None: always the full split), the partition layout).
+_LANE_POLICIES = {
+    "lanes": (None, "disjoint"), "lanes-static": ("static", "disjoint"), "lanes-arm": ("adaptive", "disjoint"),
+    "lanes-shared-static": ("static", "shared_pool"), "lanes-shared-arm": ("adaptive", "shared_pool"),
+}
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class Policy:
     chunk_budget: int | None = None  # hybrid: prompt tokens per step
     arm_policy: str | None = None  # two lanes: the RapidConfig.arm_policy choosing their splits
     prefill_interval: int | None = None  # hybrid-C-iN: decode steps between steps with prompt tokens
+    layout: PartitionLayout = "disjoint"  # two lanes: the partition layout of their splits
 
     @property
     def arm(self) -> bool:
@@ -58,7 +63,8 @@ class Policy:
         if name == "serial":
             return cls(name, two_lanes=False)
         if name in _LANE_POLICIES:
-            return cls(name, two_lanes=True, arm_policy=_LANE_POLICIES[name])
+            arm_policy, layout = _LANE_POLICIES[name]
+            return cls(name, two_lanes=True, arm_policy=arm_policy, layout=layout)
         match = re.fullmatch(r"hybrid-(\d+)(?:-i(\d+))?", name)
         if match and int(match[1]) > 0 and (match[2] is None or int(match[2]) > 0):
             interval = None if match[2] is None else int(match[2])

@@ -111,19 +111,25 @@ class StackRunner:
         self.buckets = batch_buckets(max_num_seqs)
         self._graphs: dict[int, _Graph] = {}
 
-    def capture(self, backend: PartitionBackend, splits: list[Split]) -> None:
+    def capture(self, backend: PartitionBackend, splits: list[Split]) -> int:
         """CUDA graphs of the decode step for every bucket on every split's decode stream (largest first), with the
-        garbage collector frozen once for all of them."""
+        garbage collector frozen once for all of them; a split already captured (the full split of a second backend)
+        keeps its graphs. Returns how many were captured."""
+        captured = 0
         with frozen_gc():
             for bucket in reversed(self.buckets):
                 inputs = _scratch_inputs(bucket, self.max_blocks_per_seq, self.device)
                 entry = self._graphs.setdefault(bucket, _Graph(inputs, {}))
                 for split in splits:
+                    if split in entry.graphs:
+                        continue
                     decode_ctx, _ = backend.lane_contexts(split)
                     step = functools.partial(self._greedy_decode, bucket, entry.inputs)
                     entry.graphs[split] = capture_graph(step, decode_ctx)
+                    captured += 1
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+        return captured
 
     def release_graphs(self) -> None:
         """Destroy every decode graph; before the backend closes the streams (green contexts) they were captured on."""

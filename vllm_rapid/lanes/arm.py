@@ -116,6 +116,11 @@ class AdaptiveResourceManager:
                 f"profile measured on a device with {profile.total_units} units ({profile.device or 'unknown'}), "
                 f"this one has {backend.total_units}; re-run `vllm-rapid profile` on this GPU"
             )
+        if profile is not None and profile.layout != backend.layout:
+            raise ProfileError(
+                f"profile measured in the {profile.layout!r} partition layout, this backend runs {backend.layout!r}; "
+                f"re-run `vllm-rapid profile --layout {backend.layout}`"
+            )
         self._model: StepTimeModel | None = profile if profile is not None else roofline
         if self._model is None and config.arm_policy == "adaptive":
             raise ValueError("the adaptive ARM policy needs a profile (rapid.profile_path) or a roofline estimate")

@@ -10,9 +10,9 @@ import dataclasses
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, get_args
 
-from vllm_rapid.config import read_yaml
+from vllm_rapid.config import PartitionLayoutName, read_yaml
 from vllm_rapid.lanes.partition.base import Split
 
 PROFILE_VERSION = 1
@@ -48,6 +48,9 @@ class DecodeProfile:
     device: str = ""
     model: str = ""
     backend: str = ""  # the partition backend the splits were measured on
+    # The partition layout they were measured in: a shared-pool split and a disjoint one of the same decode size
+    # run differently, so the ARM uses a profile only for the layout it was measured in.
+    layout: str = "disjoint"
 
     def decode_step_ms(self, split: Split, batch_size: int, context_len: int) -> float:
         """Conservative lookup: the cheapest sample at or above ``batch_size`` and ``context_len``.
@@ -98,11 +101,15 @@ class DecodeProfile:
         for i, s in enumerate(decode):
             if s.decode_units > total:
                 raise ProfileError(f"decode[{i}].decode_units={s.decode_units} exceeds total_units={total}")
-        extra = set(data) - {"version", "total_units", "decode", "device", "model", "backend"}
+        extra = set(data) - {"version", "total_units", "decode", "device", "model", "backend", "layout"}
         if extra:
             raise ProfileError(f"unknown field(s) {sorted(extra)}")
+        layout = data.get("layout", "disjoint")
+        if layout not in get_args(PartitionLayoutName):
+            raise ProfileError(f"layout must be one of {list(get_args(PartitionLayoutName))}, got {layout!r}")
         return cls(
-            total, decode, str(data.get("device", "")), str(data.get("model", "")), str(data.get("backend", ""))
+            total, decode, str(data.get("device", "")), str(data.get("model", "")), str(data.get("backend", "")),
+            layout,
         )
 
 
@@ -159,7 +166,7 @@ class RooflineEstimate:
     bytes_per_param: float = 2.0
     bandwidth_saturation: float = 0.5
     efficiency: float = 0.6  # attainable share of either peak
-    # Full overlap: decode competes with the prefill for the same units.
+    # Full overlap: decode competes with the prefill for the same units; on a shared pool, for that part of its units.
     overlap_slowdown: float = 1.5
 
     @classmethod
@@ -179,4 +186,5 @@ class RooflineEstimate:
         moved = self.weight_bytes + self.kv_bytes_per_token * batch_size * context_len
         flops = 2.0 * self.weight_bytes / self.bytes_per_param * batch_size
         seconds = max(moved / bandwidth, flops / compute)
-        return 1e3 * seconds * (self.overlap_slowdown if split.full_overlap else 1.0)
+        contended = split.shared_units / split.decode_units
+        return 1e3 * seconds * (1.0 + (self.overlap_slowdown - 1.0) * contended)

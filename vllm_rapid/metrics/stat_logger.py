@@ -53,6 +53,8 @@ class _Families:
         self.inflight_tokens = g("vllm_rapid:prefill_inflight_tokens", "Tokens of the running prefill batch.")
         self.units = g("vllm_rapid:partition_units", "Compute units (SMs, CUs, CPU threads) of each lane.", "lane")
         self.total_units = g("vllm_rapid:partition_total_units", "Compute units of the device.")
+        self.shared_units = g("vllm_rapid:partition_shared_units",
+                              "Compute units in both lanes' partitions (0: disjoint; the pool of a shared-pool split).")
         self.decode_share = g(
             "vllm_rapid:decode_partition_fraction", "Decode lane's share of the device (1: both lanes share all)."
         )
@@ -95,6 +97,7 @@ class RapidStatLogger(StatLoggerBase):
         self.inflight_reqs, self.inflight_tokens = m.inflight_reqs.labels(*labels), m.inflight_tokens.labels(*labels)
         self.units = {lane: m.units.labels(*labels, lane.value) for lane in LaneName}
         self.total_units, self.decode_share = m.total_units.labels(*labels), m.decode_share.labels(*labels)
+        self.shared_units = m.shared_units.labels(*labels)
         self.arm_reason = {r.value: m.arm_reason.labels(*labels, r.value) for r in ArmReason}
         self.step_seconds = {lane: m.step_seconds.labels(*labels, lane.value) for lane in LaneName}
         self.ttft = {r: m.ttft.labels(*labels, r) for r in ("met", "missed")}
@@ -130,6 +133,7 @@ class RapidStatLogger(StatLoggerBase):
             self.units[LaneName.DECODE].set(split.decode_units)
             self.units[LaneName.PREFILL].set(split.prefill_units)
             self.total_units.set(split.total_units)
+            self.shared_units.set(split.shared_units)
             self.decode_share.set(split.decode_units / split.total_units)
             for reason, gauge in self.arm_reason.items():
                 gauge.set(1 if reason == arm.reason else 0)

@@ -151,6 +151,7 @@ def prepare_rapid_engine(engine_args: Any, rapid: RapidConfig) -> None:
         )
     engine_args.async_scheduling = False  # the prefill lane is the overlap; engine steps stay synchronous
     _unbind_cpu_omp_threads()
+    _check_cpu_layout(rapid)
     if _env_default("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("0", "false", "False"):
         raise ValueError("--scheduler rapid needs vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER")
 
@@ -168,6 +169,17 @@ def _env_default(name: str, value: str) -> str:
     if envs._is_envs_cache_enabled() and getattr(envs, name) != current:
         envs.disable_envs_cache()
     return current
+
+
+def _check_cpu_layout(rapid: RapidConfig) -> None:
+    """On CPU the lanes are thread teams: a layout they cannot have fails here, before any process starts."""
+    from vllm.platforms import current_platform
+
+    from vllm_rapid.lanes.partition.select import check_layout
+
+    if current_platform.is_cpu():
+        check_layout("threads" if rapid.partition_backend == "auto" else rapid.partition_backend,
+                     rapid.partition_layout)
 
 
 def _unbind_cpu_omp_threads() -> None:

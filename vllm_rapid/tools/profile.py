@@ -15,8 +15,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from vllm_rapid.config import DEFAULT_SHARED_POOL_FRACTION
 from vllm_rapid.lanes.lane import ContextFactory
 from vllm_rapid.lanes.partition import PartitionBackend, create_partition_backend
+from vllm_rapid.lanes.partition.base import PARTITION_LAYOUTS
 from vllm_rapid.lanes.step_time import DecodeProfile, DecodeSample
 from vllm_rapid.tools.layer_stack import LlamaStack, ModelDims, capture_graph
 
@@ -77,7 +79,8 @@ def profile_backend(
         finally:
             _release(prefill)
     return DecodeProfile(
-        backend.total_units, decode_samples, torch.cuda.get_device_name(device), d.describe(), backend.name
+        backend.total_units, decode_samples, torch.cuda.get_device_name(device), d.describe(), backend.name,
+        backend.layout,
     )
 
 
@@ -149,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend", default="auto", choices=["auto", "green_context", "cu_mask", "streams"],
         help="partition backend (as rapid.partition_backend)",
     )
+    profile.add_argument("--layout", choices=list(PARTITION_LAYOUTS), default="disjoint",
+                         help="partition layout (as rapid.partition_layout); the ARM uses a profile of its own layout")
+    profile.add_argument("--shared-pool-fraction", type=float, default=DEFAULT_SHARED_POOL_FRACTION,
+                         help="shared_pool layout: the device's share in the pool (as rapid.shared_pool_fraction)")
     profile.add_argument(
         "--decode-units", type=_int_list,
         help="decode partition sizes in SMs/CUs (default: the backend's, as the server will pre-create them)",
@@ -178,8 +185,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     torch.cuda.set_device(args.device)
     # An explicit --backend that cannot start raises here; only auto falls back to plain streams (with a warning).
-    backend = create_partition_backend(args.backend, "cuda", device_index=args.device, decode_units=args.decode_units)
-    print(f"partition backend: {backend.name} (asked for {args.backend}), splits {[s.label for s in backend.splits()]}")
+    backend = create_partition_backend(args.backend, "cuda", device_index=args.device, decode_units=args.decode_units,
+                                       layout=args.layout, shared_pool_fraction=args.shared_pool_fraction)
+    print(f"partition backend: {backend.name} (asked for {args.backend}), {backend.layout} layout, "
+          f"splits {[s.label for s in backend.splits()]}")
     try:
         with torch.inference_mode():
             stack = LlamaStack(dims, torch.device("cuda", args.device), torch.bfloat16)

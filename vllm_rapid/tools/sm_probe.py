@@ -6,7 +6,8 @@ others, it shows whether a graph's Triton kernel nodes keep the partition they w
 ``ctx`` field "is ignored if func is set", and Triton launches CUfunctions: not known until it runs). NVIDIA only;
 Triton and torch are imported lazily so this module imports anywhere.
 
-``python -m vllm_rapid.tools.sm_probe --output sm_probe.json`` runs both on a fresh process's green contexts.
+``python -m vllm_rapid.tools.sm_probe --output sm_probe.json`` runs both on a fresh process's green contexts, in
+each partition layout (disjoint, and floors plus a shared pool, whose lanes should meet in exactly the pool).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 from vllm_rapid.lanes.lane import ContextFactory
 from vllm_rapid.lanes.partition import PartitionBackend, Split, create_partition_backend
+from vllm_rapid.lanes.partition.base import PARTITION_LAYOUTS, PartitionLayout
 from vllm_rapid.tools.layer_stack import capture_graph, frozen_gc
 
 NO_GPU_EXIT_CODE = 2
@@ -143,11 +145,13 @@ def probe_backend(backend: PartitionBackend) -> dict[str, Any]:
                                                                                      ("prefill", prefill))}
         splits.append({
             "label": split.label, "decode_units": split.decode_units, "prefill_units": split.prefill_units,
-            "full_overlap": split.full_overlap, "disjoint": together.disjoint,
+            "shared_units": split.shared_units, "full_overlap": split.full_overlap, "disjoint": together.disjoint,
+            "shared_alone": len(alone["decode"] & alone["prefill"]),
             "together": {name: _sorted(sms) for name, sms in together.sm_sets.items()},
             "alone": {name: _sorted(sms) for name, sms in alone.items()},
         })
-    report: dict[str, Any] = {"backend": backend.name, "total_units": backend.total_units, "splits": splits}
+    report: dict[str, Any] = {"backend": backend.name, "layout": backend.layout, "total_units": backend.total_units,
+                              "splits": splits}
     partitions = [s for s in backend.splits() if not s.full_overlap]
     if partitions:
         report["graphs"] = _probe_graphs(backend, partitions[0])
@@ -179,34 +183,56 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vllm_rapid.tools.sm_probe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", default="green_context", help="partition backend (as rapid.partition_backend)")
+    parser.add_argument("--layouts", default=",".join(PARTITION_LAYOUTS),
+                        help="comma-separated partition layouts to probe, each on a backend of its own")
     parser.add_argument("--device", type=int, default=0)
     parser.add_argument("--output", default="sm_probe.json")
     args = parser.parse_args(argv)
+    layouts = [name for name in args.layouts.split(",") if name]
+    if unknown := sorted(set(layouts) - set(PARTITION_LAYOUTS)):
+        parser.error(f"unknown layout(s) {unknown}; choose from {list(PARTITION_LAYOUTS)}")
     import torch
 
     if not torch.cuda.is_available():
         print("sm_probe: no GPU is visible (torch.cuda.is_available() is False); nothing to probe", file=sys.stderr)
         return NO_GPU_EXIT_CODE
     torch.cuda.set_device(args.device)
-    backend = create_partition_backend(args.backend, "cuda", device_index=args.device)
+    report: dict[str, Any] = {"device": torch.cuda.get_device_name(args.device), "layouts": {}}
+    for layout in layouts:
+        try:
+            report["layouts"][layout] = _probe_layout(args.backend, args.device, layout)
+        except Exception as exc:  # noqa: BLE001 (a driver refusing one layout still leaves the other's report)
+            report["layouts"][layout] = {"error": f"{type(exc).__name__}: {exc}"}
+            print(f"{layout}: {type(exc).__name__}: {exc}")
+        with open(args.output, "w") as out:
+            json.dump(report, out, indent=1)
+        _print_layout(layout, report["layouts"][layout])
+    print(f"wrote {args.output}")
+    return 0 if all("error" not in r for r in report["layouts"].values()) else 1
+
+
+def _probe_layout(backend_name: str, device: int, layout: PartitionLayout) -> dict[str, Any]:
+    import torch
+
+    backend = create_partition_backend(backend_name, "cuda", device_index=device, layout=layout)
     try:
         with frozen_gc():
-            report = {"device": torch.cuda.get_device_name(args.device), **probe_backend(backend)}
+            return probe_backend(backend)
     finally:
         torch.cuda.synchronize()
         backend.close()
-    with open(args.output, "w") as out:
-        json.dump(report, out, indent=1)
-    for split in report["splits"]:
+
+
+def _print_layout(layout: str, report: dict[str, Any]) -> None:
+    for split in report.get("splits", []):
         sizes = {name: len(sms) for name, sms in split["together"].items()}
-        print(f"{split['label']}: SMs used together {sizes}, disjoint {split['disjoint']}")
+        print(f"{layout} {split['label']}: SMs used together {sizes}, disjoint {split['disjoint']}, "
+              f"alone the lanes share {split['shared_alone']} SMs (planned {split['shared_units']})")
     graphs = report.get("graphs", {})
     for kind in ("captured_on_decode_partition", "captured_on_plain_stream"):
         for name, replay in graphs.get(kind, {}).get("replays", {}).items():
             inside = {k: v for k, v in replay.items() if k.startswith("inside")}
-            print(f"graph {kind} of {graphs['split']}, replayed on {name}: {replay['sms']} SMs, {inside}")
-    print(f"wrote {args.output}")
-    return 0
+            print(f"{layout} graph {kind} of {graphs['split']}, replayed on {name}: {replay['sms']} SMs, {inside}")
 
 
 if __name__ == "__main__":

@@ -61,7 +61,8 @@ class LaneController:
         self.device = device
         kind = "cpu" if device.type == "cpu" else "cuda"
         self.backend: PartitionBackend = create_partition_backend(
-            config.partition_backend, kind, device_index=device.index or 0, cpu_cores=cpu_cores
+            config.partition_backend, kind, device_index=device.index or 0, cpu_cores=cpu_cores,
+            layout=config.partition_layout, shared_pool_fraction=config.shared_pool_fraction,
         )
         self.arm: AdaptiveResourceManager | None = None
         self.roofline: RooflineEstimate | None = None

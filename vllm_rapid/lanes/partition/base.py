@@ -3,6 +3,15 @@
 A backend pre-creates every split it can offer at start-up (creating a green context or a CU-masked stream takes
 milliseconds, and CUDA graphs stay bound to the partition they were captured on), so the ARM only ever chooses
 among :meth:`PartitionBackend.splits`.
+
+Two layouts of the partitions (``rapid.partition_layout``), beside the full split every backend has (both lanes on
+the whole device):
+
+* ``disjoint``: decode gets some units, prefill the rest;
+* ``shared_pool``: the units are split once into equal groups plus a remainder, the shared pool; decode's partition
+  is its groups plus the pool, prefill's the other groups plus the pool. Each lane keeps a reserved floor, and the
+  pool goes to whichever lane has work there (decode first, at the higher stream priority): the form the paper's
+  light-load over-allocation takes on SM and CU partitions.
 """
 
 from __future__ import annotations
@@ -12,7 +21,10 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import get_args
 
+from vllm_rapid.config import DEFAULT_SHARED_POOL_FRACTION
+from vllm_rapid.config import PartitionLayoutName as PartitionLayout
 from vllm_rapid.lanes.lane import ContextFactory, Lane, LaneName
 
 logger = logging.getLogger(__name__)
@@ -20,25 +32,47 @@ logger = logging.getLogger(__name__)
 # Decode shares offered by default: enough choice for the ARM, few enough partitions that capturing one decode
 # graph set per partition stays affordable.
 DEFAULT_DECODE_FRACTIONS: tuple[float, ...] = (0.25, 0.375, 0.5, 0.625, 0.75)
+PARTITION_LAYOUTS: tuple[PartitionLayout, ...] = get_args(PartitionLayout)
 
 
 @dataclass(frozen=True)
 class Split:
-    """How many compute units (SMs, CUs, CPU cores) each lane may use."""
+    """How many compute units (SMs, CUs, CPU cores) each lane may use.
 
-    decode_units: int
-    prefill_units: int
+    Invariant: ``decode_units + prefill_units - shared_units == total_units`` (the two partitions cover the device
+    and overlap in exactly the shared units).
+    """
+
+    decode_units: int  # units the decode lane may run on: its floor plus the shared pool
+    prefill_units: int  # the same for the prefill lane
     total_units: int
-    # Both lanes on the whole device (the paper's P100-D100); otherwise the two partitions are disjoint.
+    # Both lanes on the whole device (the paper's P100-D100).
     full_overlap: bool
+    # Units in both lanes' partitions: 0 for disjoint partitions, the pool of a shared_pool split, everything when
+    # full_overlap (set so whatever is passed: one full split per device, whoever builds it).
+    shared_units: int = 0
+
+    def __post_init__(self) -> None:
+        if self.full_overlap:
+            object.__setattr__(self, "shared_units", self.total_units)
+        if not 0 <= self.shared_units <= min(self.decode_units, self.prefill_units) or (
+            self.decode_units + self.prefill_units - self.shared_units != self.total_units
+        ):
+            raise ValueError(f"{self}: the partitions must cover the device and overlap in exactly shared_units")
 
     @classmethod
     def full(cls, total_units: int) -> Split:
         return cls(total_units, total_units, total_units, True)
 
     @property
+    def decode_floor(self) -> int:
+        """Decode's units that prefill never runs on."""
+        return self.decode_units - self.shared_units
+
+    @property
     def label(self) -> str:
-        """Paper notation, e.g. ``P100-D100`` or ``P70-D30`` (percent of the device per lane)."""
+        """Paper notation, e.g. ``P100-D100``, ``P70-D30``, or ``P75-D50`` for a shared pool of 25% (percent of the
+        device per lane; over 100 together when they share units)."""
         prefill = round(100 * self.prefill_units / self.total_units)
         decode = round(100 * self.decode_units / self.total_units)
         return f"P{prefill}-D{decode}"
@@ -71,6 +105,50 @@ def plan_decode_units(total: int, granularity: int, requested: Sequence[int] | N
     return sorted({round_units(n, granularity, total) for n in requested})
 
 
+@dataclass(frozen=True)
+class SharedPoolPlan:
+    """The shared_pool layout of one device: ``num_groups`` equal groups, the rest the pool; decode floors in
+    groups."""
+
+    group_units: int
+    num_groups: int
+    decode_groups: tuple[int, ...]  # decode's floor of each split, in groups, growing (prefill gets the others)
+
+    def shared_units(self, total: int) -> int:
+        return total - self.num_groups * self.group_units
+
+
+def plan_shared_pool(
+    total: int, granularity: int, shared_fraction: float = DEFAULT_SHARED_POOL_FRACTION,
+    requested: Sequence[int] | None = None,
+) -> SharedPoolPlan:
+    """Groups of ``granularity`` units covering at most ``1 - shared_fraction`` of the device (the rest is the
+    pool), and decode floors: the ``requested`` decode partition sizes (floor plus pool, rounded up to whole groups)
+    or fractions of the groups. Each lane keeps at least one group of its own."""
+    if not 0.0 < shared_fraction < 1.0:
+        raise ValueError(f"shared_pool_fraction must be in (0, 1), got {shared_fraction!r}")
+    num_groups = math.floor((1.0 - shared_fraction) * total / granularity)
+    shared = total - num_groups * granularity
+    if num_groups < 2 or shared < granularity:
+        raise ValueError(
+            f"{total} units cannot be split into two floors of {granularity} and a shared pool of "
+            f"{shared_fraction:.0%}; choose another shared_pool_fraction or partition_layout: disjoint"
+        )
+    return SharedPoolPlan(granularity, num_groups, shared_pool_floors(num_groups, granularity, shared, requested))
+
+
+def shared_pool_floors(
+    num_groups: int, group_units: int, shared: int, requested: Sequence[int] | None = None
+) -> tuple[int, ...]:
+    """Decode floors in groups: the requested decode partition sizes (floor plus pool) rounded up to whole groups, or
+    :data:`DEFAULT_DECODE_FRACTIONS` of the groups; each between 1 and ``num_groups - 1``."""
+    if requested is None:
+        floors = {round(f * num_groups) for f in DEFAULT_DECODE_FRACTIONS}
+    else:
+        floors = {math.ceil(max(n - shared, 0) / group_units) for n in requested}
+    return tuple(sorted({min(max(k, 1), num_groups - 1) for k in floors}))
+
+
 class PartitionBackend(ABC):
     """Pre-created splits of one device between the decode and the prefill lane.
 
@@ -85,6 +163,8 @@ class PartitionBackend(ABC):
     # The decode lane runs in the worker's own thread (its caller waits for every step anyway), not a thread of its
     # own (CPU: see ThreadsBackend).
     inline_decode_lane: bool = False
+    # How the partitions lie: disjoint, or floors plus a shared pool (see the module docstring).
+    layout: PartitionLayout = "disjoint"
 
     def __init__(self, total_units: int) -> None:
         self._total_units = total_units

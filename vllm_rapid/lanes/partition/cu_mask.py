@@ -1,6 +1,7 @@
-"""AMD CU masks: disjoint compute-unit sets for the decode and prefill lanes (``hipExtStreamCreateWithCUMask``).
+"""AMD CU masks: compute-unit sets for the decode and prefill lanes (``hipExtStreamCreateWithCUMask``).
 
-A mask is fixed when its stream is created, so complementary pairs are pre-created at start-up. On MI300-class
+A mask is fixed when its stream is created, so mask pairs are pre-created at start-up: complementary ones
+(``disjoint`` layout), or each lane's floor plus a shared pool at the top of the mask (``shared_pool``). On MI300-class
 GPUs the CUs sit on several XCDs and mask bit ``i`` belongs to XCD ``i mod num_xcds``; a mask must take CUs evenly
 from every XCD, and an XCD left with no CU can hang the queue. The mask arithmetic is pure and unit-tested; the HIP
 call goes through hip-python (6.3+, whose binding of this call works) or ctypes on libamdhip64.
@@ -14,7 +15,14 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from vllm_rapid.lanes.partition.base import PartitionBackend, Split, plan_decode_units
+from vllm_rapid.lanes.partition.base import (
+    DEFAULT_SHARED_POOL_FRACTION,
+    PartitionBackend,
+    PartitionLayout,
+    Split,
+    plan_decode_units,
+    plan_shared_pool,
+)
 from vllm_rapid.lanes.partition.streams import whole_device_stream_contexts
 
 logger = logging.getLogger(__name__)
@@ -73,18 +81,53 @@ def complementary_masks(decode_cus: int, total_cus: int, num_xcds: int) -> tuple
     return decode, prefill
 
 
+def shared_pool_masks(decode_floor: int, shared: int, total_cus: int, num_xcds: int) -> tuple[int, int]:
+    """(decode, prefill) masks of the shared_pool layout: decode's floor is CUs ``0 .. decode_floor-1``, the pool the
+    top ``shared`` CUs, prefill's floor what lies between; all three balanced over the XCDs."""
+    for name, cus in (("decode floor", decode_floor), ("shared pool", shared),
+                      ("prefill floor", total_cus - decode_floor - shared)):
+        if cus <= 0 or cus % num_xcds:
+            raise ValueError(f"{name} of {cus} CUs cannot be balanced over {num_xcds} XCDs; use a positive multiple")
+    everything = (1 << total_cus) - 1
+    pool = everything & ~((1 << (total_cus - shared)) - 1)
+    decode = balanced_mask(decode_floor, num_xcds) | pool
+    return decode, everything & ~balanced_mask(decode_floor, num_xcds)
+
+
 def mask_words(mask: int, total_cus: int) -> list[int]:
     """The mask as the uint32 array the HIP call takes: word ``w`` holds CUs ``32w .. 32w+31``."""
     return [(mask >> (32 * w)) & 0xFFFFFFFF for w in range((total_cus + 31) // 32)]
 
 
+def mask_pairs(
+    total_cus: int, num_xcds: int, layout: PartitionLayout, shared_fraction: float = DEFAULT_SHARED_POOL_FRACTION,
+    decode_cus: Sequence[int] | None = None,
+) -> dict[Split, tuple[int, int]]:
+    """Every split of ``layout`` and its (decode, prefill) masks, in units of the XCD count."""
+    if layout == "disjoint":
+        return {
+            Split(cus, total_cus - cus, total_cus, False): complementary_masks(cus, total_cus, num_xcds)
+            for cus in plan_decode_units(total_cus, num_xcds, decode_cus)
+        }
+    plan = plan_shared_pool(total_cus, num_xcds, shared_fraction, decode_cus)
+    shared = plan.shared_units(total_cus)
+    pairs = {}
+    for k in plan.decode_groups:
+        floor = k * plan.group_units
+        split = Split(floor + shared, total_cus - floor, total_cus, False, shared)
+        pairs[split] = shared_pool_masks(floor, shared, total_cus, num_xcds)
+    return pairs
+
+
 class CuMaskBackend(PartitionBackend):
-    """Complementary CU-masked stream pairs for a list of decode CU counts, plus plain streams for full overlap."""
+    """CU-masked stream pairs for a list of decode CU counts (complementary, or floors plus a shared pool), plus
+    plain streams for full overlap."""
 
     name = "cu_mask"
 
     def __init__(
-        self, device_index: int = 0, decode_cus: Sequence[int] | None = None, num_xcds: int | None = None
+        self, device_index: int = 0, decode_cus: Sequence[int] | None = None, num_xcds: int | None = None,
+        layout: PartitionLayout = "disjoint", shared_pool_fraction: float = DEFAULT_SHARED_POOL_FRACTION,
     ) -> None:
         import torch
 
@@ -93,12 +136,14 @@ class CuMaskBackend(PartitionBackend):
         xcds = num_xcds or infer_xcd_count(props.gcnArchName, self.total_units)
         torch.cuda.set_device(device_index)
         self._hip = _HipStreams()
+        self.layout = layout
         try:
-            # A multiple of the XCD count on both sides: balanced masks, no XCD without CUs.
-            for cus in plan_decode_units(self.total_units, xcds, decode_cus):
-                decode_mask, prefill_mask = complementary_masks(cus, self.total_units, xcds)
+            # A multiple of the XCD count everywhere: balanced masks, no XCD without CUs.
+            for split, (decode_mask, prefill_mask) in mask_pairs(
+                self.total_units, xcds, layout, shared_pool_fraction, decode_cus
+            ).items():
                 self._register(
-                    Split(cus, self.total_units - cus, self.total_units, False),
+                    split,
                     self._masked_stream(torch, device_index, decode_mask),
                     self._masked_stream(torch, device_index, prefill_mask),
                 )
@@ -107,8 +152,8 @@ class CuMaskBackend(PartitionBackend):
             self.close()
             raise
         logger.info(
-            "cu_mask: %d CUs over %d XCDs (via %s), splits %s",
-            self.total_units, xcds, self._hip.via, [s.label for s in self.splits()],
+            "cu_mask: %d CUs over %d XCDs (via %s), %s layout, splits %s",
+            self.total_units, xcds, self._hip.via, layout, [s.label for s in self.splits()],
         )
 
     def _masked_stream(self, torch: Any, device_index: int, mask: int) -> Any:

@@ -1,9 +1,13 @@
-"""CUDA green contexts: disjoint SM partitions for the decode and prefill lanes.
+"""CUDA green contexts: SM partitions for the decode and prefill lanes.
 
-Each partition pair comes from ONE ``cuDevSmResourceSplitByCount`` call: decode gets the group, prefill the
-remainder. Two separate creations would overlap (torch's ``GreenContext.create`` called twice does), which defeats
-the point. Pairs are pre-created at start-up (about 3 ms each) and torch runs on them through
-``torch.cuda.ExternalStream``. ``cuda.bindings`` is imported lazily so the package imports without it.
+``disjoint`` layout: each partition pair comes from ONE ``cuDevSmResourceSplitByCount`` call: decode gets the group,
+prefill the remainder. Two separate creations would overlap (torch's ``GreenContext.create`` called twice does),
+which defeats the point. ``shared_pool`` layout: one split into N equal groups and a remainder, the pool; for each
+decode floor k, decode's context is k groups plus the remainder and prefill's the other N-k groups plus the same
+remainder (``cuDevResourceGenerateDesc`` over several resources of one split, as the driver requires). Decode's
+streams run at the device's greatest priority, prefill's at the least. Contexts are pre-created at start-up (about
+3 ms each) and torch runs on them through ``torch.cuda.ExternalStream``. ``cuda.bindings`` is imported lazily so the
+package imports without it.
 
 Some of the recipe's calls (``cuCtxGetStreamPriorityRange``) need a current context, and in a fresh process there is
 none: ``torch.cuda.init()`` and ``torch.cuda.set_device()`` do not make one current (pytorch#155668), so the call
@@ -18,7 +22,15 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from vllm_rapid.lanes.partition.base import PartitionBackend, Split, plan_decode_units
+from vllm_rapid.lanes.partition.base import (
+    DEFAULT_SHARED_POOL_FRACTION,
+    PartitionBackend,
+    PartitionLayout,
+    Split,
+    plan_decode_units,
+    plan_shared_pool,
+    shared_pool_floors,
+)
 from vllm_rapid.lanes.partition.streams import whole_device_stream_contexts
 
 logger = logging.getLogger(__name__)
@@ -37,12 +49,14 @@ class GreenContextError(RuntimeError):
 
 
 class GreenContextBackend(PartitionBackend):
-    """Complementary green-context pairs for a list of decode SM counts, plus plain streams for full overlap."""
+    """Green-context pairs for a list of decode SM counts (disjoint, or floors plus a shared pool), plus plain
+    streams for full overlap."""
 
     name = "green_context"
 
     def __init__(
-        self, device_index: int = 0, decode_sms: Sequence[int] | None = None, fine_grained: bool = False
+        self, device_index: int = 0, decode_sms: Sequence[int] | None = None, fine_grained: bool = False,
+        layout: PartitionLayout = "disjoint", shared_pool_fraction: float = DEFAULT_SHARED_POOL_FRACTION,
     ) -> None:
         import torch
         from cuda.bindings import driver
@@ -65,30 +79,79 @@ class GreenContextBackend(PartitionBackend):
             )
             super().__init__(int(whole.sm.smCount))
             flags, granularity = split_flags(driver, fine_grained)
-            least, greatest = _check(driver, driver.cuCtxGetStreamPriorityRange(), "cuCtxGetStreamPriorityRange")
-            for sms in plan_decode_units(self.total_units, granularity, decode_sms):
-                groups, _, remainder = _check(
-                    driver, driver.cuDevSmResourceSplitByCount(1, whole, flags, sms), "cuDevSmResourceSplitByCount"
-                )
-                split = Split(int(groups[0].sm.smCount), int(remainder.sm.smCount), self.total_units, False)
-                if split.decode_units != sms:
-                    logger.info("green_context: driver gave %d SMs for a request of %d", split.decode_units, sms)
-                decode = self._green_stream(torch, device, device_index, groups[0], greatest)
-                prefill = self._green_stream(torch, device, device_index, remainder, least)
-                self._register(split, decode, prefill)
+            self._priorities = _check(driver, driver.cuCtxGetStreamPriorityRange(), "cuCtxGetStreamPriorityRange")
+            self.layout = layout
+            if layout == "shared_pool":
+                self._create_shared_pool(torch, device, device_index, whole, flags, granularity, shared_pool_fraction,
+                                         decode_sms)
+            else:
+                self._create_disjoint(torch, device, device_index, whole, flags, granularity, decode_sms)
             self._register(self.full_split(), *whole_device_stream_contexts(device_index))
         except BaseException:
             self._release()
             raise
         logger.info(
-            "green_context: %d SMs, granularity %d, splits %s",
-            self.total_units, granularity, [s.label for s in self.splits()],
+            "green_context: %d SMs, granularity %d, %s layout, splits %s",
+            self.total_units, granularity, layout, [s.label for s in self.splits()],
         )
 
-    def _green_stream(self, torch: Any, device: Any, device_index: int, resource: Any, priority: int) -> Any:
-        """Green context over ``resource`` and a non-blocking stream on it, as a torch stream context factory."""
+    def _create_disjoint(self, torch: Any, device: Any, device_index: int, whole: Any, flags: int, granularity: int,
+                         decode_sms: Sequence[int] | None) -> None:
+        """One split per decode size: decode on the group, prefill on the remainder."""
         driver = self._driver
-        desc = _check(driver, driver.cuDevResourceGenerateDesc([resource], 1), "cuDevResourceGenerateDesc")
+        for sms in plan_decode_units(self.total_units, granularity, decode_sms):
+            groups, _, remainder = _check(
+                driver, driver.cuDevSmResourceSplitByCount(1, whole, flags, sms), "cuDevSmResourceSplitByCount"
+            )
+            split = Split(int(groups[0].sm.smCount), int(remainder.sm.smCount), self.total_units, False)
+            if split.decode_units != sms:
+                logger.info("green_context: driver gave %d SMs for a request of %d", split.decode_units, sms)
+            self._register_pair(torch, device, device_index, split, [groups[0]], [remainder])
+
+    def _create_shared_pool(self, torch: Any, device: Any, device_index: int, whole: Any, flags: int,
+                            granularity: int, shared_fraction: float, decode_sms: Sequence[int] | None) -> None:
+        """One split into equal groups; every pair shares its remainder."""
+        driver = self._driver
+        plan = plan_shared_pool(self.total_units, granularity, shared_fraction, decode_sms)
+        groups, made, remainder = _check(
+            driver, driver.cuDevSmResourceSplitByCount(plan.num_groups, whole, flags, plan.group_units),
+            "cuDevSmResourceSplitByCount",
+        )
+        groups = list(groups)[: int(made)]  # the driver may make fewer (or larger) groups than asked
+        if len(groups) < 2 or int(remainder.sm.smCount) == 0:
+            raise GreenContextError(
+                f"shared_pool: the driver split {self.total_units} SMs into {len(groups)} group(s) and a remainder "
+                f"of {int(remainder.sm.smCount)} SMs; it needs two groups and a non-empty remainder "
+                "(choose another shared_pool_fraction or partition_layout: disjoint)"
+            )
+        shared = int(remainder.sm.smCount)
+        sizes = [int(g.sm.smCount) for g in groups]
+        for k in shared_pool_floors(len(groups), sizes[0], shared, decode_sms):
+            decode, prefill = groups[:k] + [remainder], groups[k:] + [remainder]
+            split = Split(sum(sizes[:k]) + shared, sum(sizes[k:]) + shared, self.total_units, False, shared)
+            try:
+                self._register_pair(torch, device, device_index, split, decode, prefill)
+            except GreenContextError as exc:
+                raise GreenContextError(
+                    f"{exc} (shared_pool: a context over several groups of one split plus its remainder; a driver "
+                    "that refuses that cannot run this layout, use partition_layout: disjoint)"
+                ) from exc
+
+    def _register_pair(self, torch: Any, device: Any, device_index: int, split: Split, decode: list[Any],
+                       prefill: list[Any]) -> None:
+        least, greatest = self._priorities
+        self._register(
+            split,
+            self._green_stream(torch, device, device_index, decode, greatest),
+            self._green_stream(torch, device, device_index, prefill, least),
+        )
+
+    def _green_stream(self, torch: Any, device: Any, device_index: int, resources: list[Any], priority: int) -> Any:
+        """Green context over ``resources`` and a non-blocking stream on it, as a torch stream context factory."""
+        driver = self._driver
+        desc = _check(
+            driver, driver.cuDevResourceGenerateDesc(resources, len(resources)), "cuDevResourceGenerateDesc"
+        )
         green = _check(
             driver,
             driver.cuGreenCtxCreate(desc, device, driver.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM),

@@ -21,6 +21,7 @@ class OfferedSplits(PartitionBackend):
         self.name = backend.name
         self.full_split_runs_both_lanes = backend.full_split_runs_both_lanes
         self.inline_decode_lane = backend.inline_decode_lane
+        self.layout = backend.layout
         self._backend = backend
         for split in {backend.full_split(), *splits}:
             self._register(split, *backend.lane_contexts(split))
