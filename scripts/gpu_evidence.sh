@@ -11,15 +11,15 @@
 #                   (disjoint; floors plus a shared pool, whose lanes must meet in the pool
 #                   only), eager and as a CUDA graph captured on a green stream and replayed
 #                   on the same, the other partition's and a plain stream                   -> sm_probe.json
-#   gpu_tests  100  pytest -m gpu on the vLLM-free test files (strict: a fallback fails)    -> gpu_tests.txt
+#   gpu_tests  110  pytest -m gpu on the vLLM-free test files (strict: a fallback fails)    -> gpu_tests.txt
 #   profile     75  reduced `vllm-rapid profile` grid on green contexts (32 layers)        -> profile.yaml
-#   mechanism  250  the mechanism benchmark at 3 rates, ITL SLO auto (the ARM must
+#   mechanism  245  the mechanism benchmark at 3 rates, ITL SLO auto (the ARM must
 #                   partition), the ARM on the profile when there is one; the three layouts:
 #                   whole device (lanes), disjoint (lanes-static, lanes-arm) and shared pool
 #                   (lanes-shared-static, lanes-shared-arm); if it dies within DIED_EARLY_S:
 #                   again on plain streams with 3 policies, in the time left                -> mechanism.json,
 #                                                                                             partition.png
-#   total      500  (TOTAL_BUDGET_S = 525 with the start-ups)
+#   total      505  (TOTAL_BUDGET_S = 525 with the start-ups)
 # Every stage's output also goes to log.txt: at most 7 files, all directly under $OUT.
 #
 # Needs python3 with torch (CUDA), triton, cuda-bindings, numpy, matplotlib, pyyaml and pytest: all in the H200
@@ -135,7 +135,7 @@ fi
 # --- gpu_tests ---
 GPU_TEST_FILES=(tests/test_partition.py tests/test_mechanism.py tests/test_arm.py)
 if "$PY" -c "import pytest" >>"$LOG" 2>&1; then
-    stage gpu_tests 100 bash -c 'set -o pipefail; "$0" -m pytest -m gpu -v -rs -p no:cacheprovider "${@:2}" 2>&1 |
+    stage gpu_tests 110 bash -c 'set -o pipefail; "$0" -m pytest -m gpu -v -rs -p no:cacheprovider "${@:2}" 2>&1 |
         tee "$1"' "$PY" "$OUT/gpu_tests.txt" "${GPU_TEST_FILES[@]}"
 else
     skip gpu_tests "pytest is not installed (carry its wheel, see the header)"
@@ -171,12 +171,12 @@ ARM_PROFILE=()
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 mechanism_started=$(date +%s)
-stage mechanism 250 "$PY" -m benchmarks.mechanism "${COMMON[@]}" "${SCALE[@]}" "${ARM_PROFILE[@]}" \
+stage mechanism 245 "$PY" -m benchmarks.mechanism "${COMMON[@]}" "${SCALE[@]}" "${ARM_PROFILE[@]}" \
     --partition-backend green_context --policies "$POLICIES" --out "$WORK/first"
 RESULTS=$WORK/first
 if ((STAGE_RC != 0 && $(date +%s) - mechanism_started < DIED_EARLY_S)); then
     say "mechanism: the first attempt died early (exit $STAGE_RC); again on $FALLBACK_BACKEND with $FALLBACK_POLICIES"
-    left=$((250 - ($(date +%s) - mechanism_started)))
+    left=$((245 - ($(date +%s) - mechanism_started)))
     stage mechanism_fallback "$left" "$PY" -m benchmarks.mechanism "${COMMON[@]}" "${SCALE[@]}" \
         --partition-backend "$FALLBACK_BACKEND" --policies "$FALLBACK_POLICIES" --out "$WORK/fallback"
     RESULTS=$WORK/fallback
