@@ -338,9 +338,10 @@ def test_profile_module_entry_point_without_a_gpu_has_no_traceback():
     assert "no GPU is visible" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_profile_arguments_are_checked():
+@pytest.mark.parametrize("bad", [["--batch-sizes", "1,x"], ["--layout", "pooled"]])
+def test_profile_arguments_are_checked(bad):
     with pytest.raises(SystemExit) as info:
-        main(["profile", "--batch-sizes", "1,x"])
+        main(["profile", *bad])
     assert info.value.code == 2
 
 
@@ -367,19 +368,21 @@ def test_llama_stack_shapes_on_cpu():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_profile_on_gpu_writes_a_table_the_arm_reads(tmp_path):
-    """Strict: on green contexts (asked for explicitly, so a fallback fails), recorded in the table."""
+@pytest.mark.parametrize("layout", ["disjoint", "shared_pool"])
+def test_profile_on_gpu_writes_a_table_the_arm_reads(tmp_path, layout):
+    """Strict: on green contexts (asked for explicitly, so a fallback fails), in the layout asked for, both recorded
+    in the table."""
     out = tmp_path / "profile.yaml"
     code = main([
         "profile", "--num-layers", "2", "--batch-sizes", "1,16", "--context-lens", "512", "--prefill-tokens", "512",
-        "--iters", "3", "--backend", "green_context", "--output", str(out),
+        "--iters", "3", "--backend", "green_context", "--layout", layout, "--output", str(out),
     ])
     assert code == 0
     profile = DecodeProfile.load(out)
-    assert profile.backend == "green_context"
+    assert (profile.backend, profile.layout) == ("green_context", layout)
     from vllm_rapid.lanes.partition import create_partition_backend
 
-    backend = create_partition_backend("green_context", "cuda")
+    backend = create_partition_backend("green_context", "cuda", layout=layout)
     try:
         assert {s.decode_units for s in profile.decode} == {s.decode_units for s in backend.splits()}
         arm = AdaptiveResourceManager(RapidConfig(profile_path=str(out)), backend)

@@ -60,7 +60,7 @@ def test_dry_run_writes_few_flat_files_and_no_vllm_was_needed(dry_run):
     assert "vllm: not importable" in env
     assert re.search(r"^cuda-bindings: \d+\.\d+", env, flags=re.M) and re.search(r"^triton: \d", env, flags=re.M)
     tests = (out / "gpu_tests.txt").read_text()
-    assert re.search(r"\b6 skipped\b", tests) and " failed" not in tests and " error" not in tests
+    assert re.search(r"\b7 skipped\b", tests) and " failed" not in tests and " error" not in tests
 
 
 def test_dry_run_exercises_the_mechanism_fallback(dry_run):
