@@ -14,16 +14,17 @@ pytestmark = pytest.mark.slow
 
 
 # Requests decoding for a while (long enough that they still decode while the long prompts arrive and prefill, also
-# on a slow machine), and long prompts whose prefill is in flight at SIGTERM; all fit the KV cache (16,384 tokens).
+# on a slow machine whose API server answers a /metrics scrape late), and long prompts whose prefill is in flight at
+# SIGTERM; all fit the KV cache (32,768 tokens).
 SHORT, LONG = 6, 3
-SHORT_TOKENS, LONG_PROMPT = 768, 3000
+SHORT_TOKENS, LONG_PROMPT = 1536, 3000
 
 
 def test_sigterm_drains_both_lanes(small_model, tmp_path):
     from openai import OpenAI
 
     args = ["--scheduler", "rapid", "--dtype", "float32", "--enforce-eager", "--max-model-len", "4096",
-            "--kv-cache-memory-bytes", str(64 << 20), "--shutdown-timeout", "60"]
+            "--kv-cache-memory-bytes", str(128 << 20), "--shutdown-timeout", "60"]
     with Server(small_model, args, tmp_path / "server.log") as server:
         client = OpenAI(base_url=server.url + "/v1", api_key="EMPTY", timeout=120, max_retries=0)
         client.completions.create(model=server.model, prompt="warm up", max_tokens=2)
@@ -35,15 +36,23 @@ def test_sigterm_drains_both_lanes(small_model, tmp_path):
                                                  temperature=0.0, extra_body={"ignore_eos": True})
             results[i] = (response.usage.completion_tokens, response.choices[0].finish_reason)
 
-        seen: list[tuple[float, float, float]] = []  # (in the engine, prefilling, decoding) at each look
+        seen: list[tuple[float, float, float]] = []  # (arrived, prefilling, decoding) at each look
+        finished_before = metric(server.metrics(), "vllm:request_success_total")  # the warm-up
 
-        def draining_both_lanes() -> bool:
-            m = server.metrics()  # one scrape: the three values of one moment
-            seen.append((metric(m, "vllm:num_requests_running") + metric(m, "vllm:num_requests_waiting"),
+        def look() -> tuple[float, float, float]:
+            m = server.metrics()  # one scrape: the values of one moment
+            seen.append((metric(m, "vllm:num_requests_running") + metric(m, "vllm:num_requests_waiting")
+                         + metric(m, "vllm:request_success_total") - finished_before,
                          metric(m, "vllm_rapid:prefill_inflight_requests"),
                          metric(m, "vllm_rapid:decode_batch_requests")))
-            in_engine, prefilling, decoding = seen[-1]
-            return in_engine == SHORT + LONG and prefilling >= 1 and decoding >= 1
+            return seen[-1]
+
+        def all_arrived() -> bool:
+            return look()[0] == SHORT + LONG
+
+        def draining_both_lanes() -> bool:
+            _, prefilling, decoding = look()
+            return prefilling >= 1 and decoding >= 1
 
         threads = [threading.Thread(target=one, args=(i, 30, SHORT_TOKENS)) for i in range(SHORT)]
         threads += [threading.Thread(target=one, args=(i, LONG_PROMPT, 16)) for i in range(SHORT, SHORT + LONG)]
@@ -52,10 +61,11 @@ def test_sigterm_drains_both_lanes(small_model, tmp_path):
         assert _wait_for(lambda: metric(server.metrics(), "vllm_rapid:decode_batch_requests") == SHORT, 60)
         for thread in threads[SHORT:]:
             thread.start()
-        # Every request is in the engine (one arriving after SIGTERM is refused with an abort, with vLLM's own
-        # scheduler too), a prefill batch is in flight and the short requests decode: then ask it to stop.
-        looks = f"(in engine, prefilling, decoding), last looks: {seen[-40:]}"
-        assert _wait_for(draining_both_lanes, 60), f"{looks}\n{server.log_tail()}"
+        # Every request has reached the engine (one arriving after SIGTERM is refused with an abort, with vLLM's own
+        # scheduler too; counted with those already finished, so a slow scrape cannot miss the moment), then a
+        # prefill batch is in flight and the short requests decode: ask it to stop.
+        ready = _wait_for(all_arrived, 60) and _wait_for(draining_both_lanes, 60)
+        assert ready, f"(arrived, prefilling, decoding), last looks: {seen[-40:]}\n{server.log_tail()}"
         server.proc.send_signal(signal.SIGTERM)
         for thread in threads:
             thread.join(timeout=180)
