@@ -10,10 +10,10 @@ import dataclasses
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol, get_args
+from typing import Any, Protocol
 
-from vllm_rapid.config import PartitionLayoutName, read_yaml
-from vllm_rapid.lanes.partition.base import Split
+from vllm_rapid.config import read_yaml
+from vllm_rapid.lanes.partition.base import PARTITION_LAYOUTS, PartitionLayout, Split
 
 PROFILE_VERSION = 1
 
@@ -50,7 +50,7 @@ class DecodeProfile:
     backend: str = ""  # the partition backend the splits were measured on
     # The partition layout they were measured in: a shared-pool split and a disjoint one of the same decode size
     # run differently, so the ARM uses a profile only for the layout it was measured in.
-    layout: str = "disjoint"
+    layout: PartitionLayout = "disjoint"
 
     def decode_step_ms(self, split: Split, batch_size: int, context_len: int) -> float:
         """Conservative lookup: the cheapest sample at or above ``batch_size`` and ``context_len``.
@@ -105,8 +105,8 @@ class DecodeProfile:
         if extra:
             raise ProfileError(f"unknown field(s) {sorted(extra)}")
         layout = data.get("layout", "disjoint")
-        if layout not in get_args(PartitionLayoutName):
-            raise ProfileError(f"layout must be one of {list(get_args(PartitionLayoutName))}, got {layout!r}")
+        if layout not in PARTITION_LAYOUTS:
+            raise ProfileError(f"layout must be one of {list(PARTITION_LAYOUTS)}, got {layout!r}")
         return cls(
             total, decode, str(data.get("device", "")), str(data.get("model", "")), str(data.get("backend", "")),
             layout,
