@@ -32,12 +32,12 @@ from vllm.compilation.cuda_graph import CUDAGraphWrapper
 from vllm.config import CUDAGraphMode
 from vllm.forward_context import BatchDescriptor
 from vllm.v1.core.sched.output import SchedulerOutput
-from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
 
 from vllm_rapid.lanes.arm import ArmDecision, ArmReason
 from vllm_rapid.lanes.lane import ContextFactory
 from vllm_rapid.lanes.partition import PartitionBackend, Split
 from vllm_rapid.patch.decode_graph_entries import graph_entries
+from vllm_rapid.worker.runners import is_v2
 
 logger = logging.getLogger(__name__)
 
@@ -55,14 +55,17 @@ def decode_partitions(backend: PartitionBackend, device: torch.device) -> list[S
 
 
 def full_graph_wrapper(runner: Any) -> CUDAGraphWrapper | None:
-    """vLLM's FULL-graph wrapper around the runner's model; None where decode runs without FULL graphs."""
+    """vLLM's FULL-graph wrapper around the runner's model; None where decode runs without FULL graphs, and on the V2
+    runner, whose graphs its own manager keeps (per-partition graphs are not built for it yet)."""
+    if is_v2(runner):
+        return None
     model = getattr(runner, "model", None)
     if runner.model_config.enforce_eager or not isinstance(model, CUDAGraphWrapper):
         return None
     return model if model.runtime_mode == CUDAGraphMode.FULL else None
 
 
-def decode_descriptors(dispatcher: CudagraphDispatcher, max_num_seqs: int) -> list[BatchDescriptor]:
+def decode_descriptors(dispatcher: Any, max_num_seqs: int) -> list[BatchDescriptor]:
     """The FULL graphs of ``dispatcher`` that a decode-lane batch can dispatch to, largest first (vLLM's order)."""
     max_tokens = max_num_seqs * dispatcher.uniform_decode_query_len
     full = dict(dispatcher.get_capture_descs()).get(CUDAGraphMode.FULL, [])
@@ -84,10 +87,12 @@ def graph_reserve_bytes(vllm_estimate: int, vllm_graphs: int, partition_graphs: 
 
 def partition_graph_bytes(vllm_config: Any, backend: PartitionBackend, device: torch.device, vllm_estimate: int) -> int:
     """What the partitions' decode graphs will take, from vLLM's estimate for its own (0: none will be captured, or
-    vLLM did not profile its graphs)."""
+    vLLM did not profile its graphs). V1 runner only: V2 gets no per-partition graphs yet."""
     partitions = decode_partitions(backend, device)
     if vllm_config.model_config.enforce_eager or not partitions or vllm_estimate <= 0:
         return 0
+    from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher  # V1 (vLLM 0.34 has no V1 runner)
+
     dispatcher = CudagraphDispatcher(vllm_config)  # vLLM's keys for this config (the runner's are reset by then)
     dispatcher.initialize_cudagraph_keys(
         vllm_config.compilation_config.cudagraph_mode, dispatcher.uniform_decode_query_len
@@ -151,6 +156,15 @@ class DecodeGraphs:
         if self._entries:
             return [s for s in self.backend.splits() if s.full_overlap or s in self._entries]
         labels = ", ".join(s.label for s in self.partitions)
+        if is_v2(self.runner) and not self.runner.model_config.enforce_eager:
+            # vLLM's own graphs were captured on a whole-device stream: replayed on a partition they would still run
+            # on every SM, so they are never replayed there.
+            logger.warning(
+                "RAPID: per-partition decode graphs are not built for vLLM's V2 model runner yet, so the ARM is "
+                "offered the whole device only (partitions %s need --enforce-eager and "
+                "rapid.eager_decode_partitions=true)", labels,
+            )
+            return [self.backend.full_split()]
         if self.eager_partitions:
             logger.warning(
                 "RAPID: decode runs without FULL CUDA graphs; rapid.eager_decode_partitions offers the SM partitions "

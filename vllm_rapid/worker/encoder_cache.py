@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from vllm_rapid.worker.runners import encoder_outputs
+
 
 class PrefillEncoderCache:
     """The prefill runner's encoder cache and the frees that wait for its lane to be idle."""
@@ -28,15 +30,15 @@ class PrefillEncoderCache:
 
     def release(self) -> None:
         """Apply the deferred frees; only while no prefill batch is in flight."""
-        cache = self._runner.encoder_cache
+        cache = encoder_outputs(self._runner)
         for mm_hash in self._pending:
             cache.pop(mm_hash, None)
         self._pending.clear()
 
     def clear(self) -> None:
         """Forget every entry (vLLM reset the encoder cache); only while no prefill batch is in flight."""
-        self._runner.encoder_cache.clear()
+        encoder_outputs(self._runner).clear()
         self._pending.clear()
 
     def entries(self) -> list[str]:
-        return sorted(self._runner.encoder_cache)
+        return sorted(encoder_outputs(self._runner))
