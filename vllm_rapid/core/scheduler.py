@@ -53,6 +53,7 @@ from vllm.v1.request import Request, RequestStatus
 
 from vllm_rapid.config import RapidConfig
 from vllm_rapid.core.encoder_inputs import encoder_outputs_of, forget_encoder_outputs, hand_on_evictions
+from vllm_rapid.core.runner_handoff import DecodeRunnerHandoff
 from vllm_rapid.lanes.arm import ArmInputs, DecodeObservation
 from vllm_rapid.lanes.lane import LaneName
 from vllm_rapid.metrics.lane_stats import LaneStats, StepStats
@@ -123,6 +124,10 @@ class RapidScheduler(Scheduler):
         # Requests refused at arrival (a feature RAPID does not support per request), failed at the next update.
         self._refused: dict[str, str] = {}
         self._num_added = 0
+        # V2 model runners: the decode runner resumes each request the prefill lane finished (no state object moves).
+        # vLLM 0.34's scheduler has no V1 runner to tell apart.
+        v2 = getattr(self, "use_v2_model_runner", True)
+        self._handoff = DecodeRunnerHandoff(self.model_uses_mrope) if v2 else None
         # The decode pass delays publication to the prefix cache until its step has written the blocks.
         defer_prefix_cache_publication(self.kv_cache_manager, when=lambda: self._pass != LaneName.PREFILL)
         count_prefill_launches()
@@ -172,6 +177,10 @@ class RapidScheduler(Scheduler):
         )
         capacity_bound = self.prefill_capacity_bound
         decode, decode_preempted = self._schedule_lane(LaneName.DECODE, throttle_prefills)
+        if self._handoff is not None:
+            decode = self._handoff.resume_arrivals(
+                decode, self.requests, self._still_decoding, self.kv_cache_manager.get_block_ids
+            )
         self.prefill_capacity_bound = capacity_bound  # the decode pass's empty queue says nothing about it
         launch = None
         # vLLM admits nobody in a step that preempted; the prefill pass is where RAPID admits.
@@ -219,6 +228,9 @@ class RapidScheduler(Scheduler):
             return True
         computed = request.num_computed_tokens
         return computed < request.num_prompt_tokens or computed < request.num_tokens - 1
+
+    def _still_decoding(self, request: Request) -> bool:
+        return request.status == RequestStatus.RUNNING and not self.in_prefill_lane(request)
 
     def _has_prefill_work(self) -> bool:
         return bool(self.waiting or self.kv_holding_waiting) or any(map(self.in_prefill_lane, self.running))

@@ -159,8 +159,9 @@ PATCHES: tuple[Patch, ...] = (
     Patch(
         name="shared-kv-tensors",
         stage=Stage.WORKER,
-        target="the prefill runner's GPUModelRunner.initialize_kv_cache_tensors (instance): returns the primary "
-        "runner's tensors",
+        target="V1 runner: the prefill runner's GPUModelRunner.initialize_kv_cache_tensors (instance) returns the "
+        "primary runner's tensors; V2 runner: vllm.v1.worker.gpu.attn_utils.allocate_kv_cache, while each runner "
+        "initializes its KV cache, records the primary's allocation and returns it to the prefill runner",
         why="the second runner builds its own attention backends, metadata builders and block tables, but must "
         "bind the KV cache the primary allocated: one KV cache, no copy",
         until="vLLM's model runner can be initialized onto existing KV tensors",

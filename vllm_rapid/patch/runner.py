@@ -3,6 +3,8 @@ allocated (one KV cache, no copy), and each runner's device syncs wait for its o
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -20,6 +22,28 @@ def share_kv_tensors(prefill_runner: Any, primary: Any) -> None:
                 if isinstance(getattr(layer, "kv_cache", None), torch.Tensor)}
 
     prefill_runner.initialize_kv_cache_tensors = primary_kv_tensors
+
+
+@contextlib.contextmanager
+def one_kv_allocation(allocation: dict[str, torch.Tensor]) -> Iterator[None]:
+    """V2 runner: while the primary runner initializes its KV cache, keep what vLLM's ``allocate_kv_cache`` returns
+    in ``allocation``; while the prefill runner does, return that again instead of allocating. Each runner still
+    builds its own attention backends, metadata builders and block tables over the tensors, and binds them to the
+    (shared) attention layers: one KV cache, no copy."""
+    from vllm.v1.worker.gpu import attn_utils
+
+    allocate = attn_utils.allocate_kv_cache
+
+    def allocate_once(*args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        if not allocation:
+            allocation.update(allocate(*args, **kwargs))
+        return dict(allocation)
+
+    attn_utils.allocate_kv_cache = allocate_once
+    try:
+        yield
+    finally:
+        attn_utils.allocate_kv_cache = allocate
 
 
 def sync_lane_stream_only(runner: Any) -> None:
