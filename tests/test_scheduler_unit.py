@@ -8,6 +8,7 @@ decoding does). Every test ends idle and clean: no request left, every KV block 
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable, Sequence
 
@@ -155,6 +156,30 @@ def test_tokens_and_finish_reasons_match_vllm_scheduler(scenario, prefill_steps)
     assert set(rapid.finish_reasons) == set(rapid.tokens)  # every request finished
     assert_idle_and_clean(rapid)
     assert_idle_and_clean(reference)
+
+
+@pytest.mark.parametrize("scenario", ["mixed", "chunked", "kv_pressure", "heavy_preemption", "priority", "seeded"])
+def test_v2_decode_runner_is_sent_every_request_it_does_not_hold_as_resumed(scenario):
+    """With V2 runners nothing moves between the runners: the decode runner must be sent each request it does not
+    hold as vLLM resumes a preempted request on V2 (all tokens so far, all blocks, its computed tokens before the
+    step), and only requests it holds as cached ones. Outputs match vLLM's scheduler on the same V2 setup."""
+    setup, arrivals = SCENARIOS[scenario]
+    rapid, reference = run_on_both(dataclasses.replace(setup, v2_runner=True), arrivals, prefill_steps=2)
+    assert rapid.tokens == reference.tokens and rapid.finish_reasons == reference.finish_reasons
+    held: set[str] = set()  # what a V2 decode runner holds, replayed from the decode batches it is sent
+    resumed = 0
+    for record in rapid.records:
+        step = record.scheduler_output
+        held -= set(step.finished_req_ids) | set(step.preempted_req_ids or ())
+        for new in step.scheduled_new_reqs:
+            assert len(new.prefill_token_ids) == new.num_computed_tokens + step.num_scheduled_tokens[new.req_id]
+            assert new.num_computed_tokens >= len(new.prompt_token_ids)  # the prompt is in the KV cache already
+            assert len(new.block_ids[0]) * setup.block_size >= len(new.prefill_token_ids)
+            held.add(new.req_id)
+            resumed += 1
+        assert set(step.scheduled_cached_reqs.req_ids) <= held, "a cached request the decode runner never got"
+    assert resumed >= len(rapid.tokens)  # every request reached the decode runner through a resumption
+    assert_idle_and_clean(rapid)
 
 
 def test_eos_ends_requests_on_either_lane():

@@ -125,9 +125,7 @@ class RapidScheduler(Scheduler):
         self._refused: dict[str, str] = {}
         self._num_added = 0
         # V2 model runners: the decode runner resumes each request the prefill lane finished (no state object moves).
-        # vLLM 0.34's scheduler has no V1 runner to tell apart.
-        v2 = getattr(self, "use_v2_model_runner", True)
-        self._handoff = DecodeRunnerHandoff(self.model_uses_mrope) if v2 else None
+        self._handoff = DecodeRunnerHandoff(self.model_uses_mrope)
         # The decode pass delays publication to the prefix cache until its step has written the blocks.
         defer_prefix_cache_publication(self.kv_cache_manager, when=lambda: self._pass != LaneName.PREFILL)
         count_prefill_launches()
@@ -177,7 +175,7 @@ class RapidScheduler(Scheduler):
         )
         capacity_bound = self.prefill_capacity_bound
         decode, decode_preempted = self._schedule_lane(LaneName.DECODE, throttle_prefills)
-        if self._handoff is not None:
+        if getattr(self, "use_v2_model_runner", True):  # vLLM 0.34's scheduler has no V1 runner to tell apart
             decode = self._handoff.resume_arrivals(
                 decode, self.requests, self._still_decoding, self.kv_cache_manager.get_block_ids
             )

@@ -73,6 +73,7 @@ class SchedulerSetup:
     rapid: Mapping[str, Any] = field(default_factory=dict)  # additional_config={"rapid": {...}}
     # A model directory (a multimodal model's processor needs its tokenizer, so it is loaded); None: the tiny Llama.
     model: str | None = None
+    v2_runner: bool = False  # the workers run vLLM's V2 model runner (what the scheduler sends them differs)
 
     def vllm_config(self) -> VllmConfig:
         model_config = ModelConfig(
@@ -126,7 +127,7 @@ def _build(cls: type[Scheduler], setup: SchedulerSetup | None, changes: dict[str
         block_size=setup.block_size,
         log_stats=True,
     )
-    scheduler.use_v2_model_runner = False  # RAPID runs vLLM's V1 model runner only
+    scheduler.use_v2_model_runner = setup.v2_runner
     return scheduler
 
 
