@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-SUPPORTED_VLLM = ("0.32.", "0.33.")
+SUPPORTED_VLLM = ("0.32.", "0.33.", "0.34.")
 
 
 class UnsupportedVllmError(RuntimeError):
@@ -22,6 +22,18 @@ def vllm_version() -> str:
     import vllm
 
     return vllm.__version__
+
+
+def release(version: str) -> tuple[int, int]:
+    """The (major, minor) release of a version string: "0.34.0rc1" -> (0, 34)."""
+    major, minor = version.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def vllm_in(since: str | None = None, before: str | None = None) -> bool:
+    """Whether the installed vLLM's release is at least ``since`` and below ``before`` ("0.34": 0.34.x on)."""
+    installed = release(vllm_version())
+    return (since is None or installed >= release(since)) and (before is None or installed < release(before))
 
 
 def is_supported_vllm() -> bool:
