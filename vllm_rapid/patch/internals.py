@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vllm_rapid.patch.registry import Stage
-from vllm_rapid.patch.versions import UnsupportedVllmError
+from vllm_rapid.patch.versions import UnsupportedVllmError, vllm_in
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,14 @@ class Internal:
     params: tuple[str, ...] = ()  # parameters the signature must have (RAPID passes them by name)
     assigns: tuple[str, ...] = ()  # instance attributes the class's code must assign (RAPID reads or swaps them)
     uses: tuple[str, ...] = ()  # names the method's code must use (behaviour RAPID's override relies on)
+    # The vLLM releases the entry is about ("0.34": from 0.34.0 on; before: up to, not including, that release).
+    since: str | None = None
+    before: str | None = None
+
+    @property
+    def applies(self) -> bool:
+        """Whether the installed vLLM is one of the releases this entry is about."""
+        return vllm_in(self.since, self.before)
 
     @property
     def label(self) -> str:
@@ -48,9 +56,19 @@ INTERNALS: tuple[Internal, ...] = (
     Internal(Stage.ENGINE_ARGS, "vllm.envs:disable_envs_cache"),
     # The scheduler runs vLLM's own pass once per lane over swapped queues and budgets.
     Internal(E, _SCHED, assigns=("running", "waiting", "kv_holding_waiting", "max_num_scheduled_tokens",
-                                 "max_num_active_reqs", "prev_step_scheduled_req_ids", "policy", "requests",
+                                 "max_num_active_reqs", "policy", "requests",
                                  "kv_cache_manager", "finished_req_ids", "structured_output_manager",
                                  "kv_cache_config", "prefill_capacity_bound")),
+    # Version differences (vllm_rapid/core/compat.py): each lane's pass has its own "scheduled last step" set (the
+    # V1 runner's, gone in 0.34); 0.34's third waiting queue, which the decode pass empties too; 0.33's local
+    # prefill cadence, which RAPID applies per engine step instead of per pass.
+    Internal(E, _SCHED, assigns=("prev_step_scheduled_req_ids",), before="0.34"),
+    Internal(E, _SCHED, assigns=("async_kv_waiting",), since="0.34"),
+    Internal(E, _SCHED, assigns=("local_prefill_interval", "num_executed_steps", "last_prefill_step"),
+             since="0.33"),
+    Internal(E, _SCHED, "schedule", uses=("local_prefill_interval", "num_executed_steps", "last_prefill_step"),
+             since="0.33"),
+    Internal(E, "vllm.v1.outputs:ModelRunnerOutput", params=("req_id_to_index",), before="0.34"),
     # Cross-lane preemption: vLLM asks _request_blocks_can_be_freed of the victim it picked before preempting it.
     Internal(E, _SCHED, "schedule", params=("throttle_prefills",), uses=("_request_blocks_can_be_freed",
                                                                          "_preempt_request")),
@@ -178,7 +196,7 @@ def problems(internal: Internal) -> list[str]:
 
 def require_vllm_internals(*stages: Stage) -> None:
     """Raise one clear error naming every internal of ``stages`` that the installed vLLM lacks."""
-    missing = [p for internal in INTERNALS if internal.stage in stages for p in problems(internal)]
+    missing = [p for internal in INTERNALS if internal.stage in stages and internal.applies for p in problems(internal)]
     if missing:
         raise UnsupportedVllmError(
             "this vLLM lacks internals vllm-rapid relies on (update vllm-rapid for it): " + "; ".join(missing)
