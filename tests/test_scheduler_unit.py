@@ -17,6 +17,7 @@ from vllm import SamplingParams
 from vllm.v1.engine import EngineCoreOutput, FinishReason
 from vllm.v1.request import Request, RequestStatus
 
+from vllm_rapid.patch.versions import vllm_in
 from vllm_rapid.testing.scheduler import (
     EOS_TOKEN_ID,
     LaneDriver,
@@ -723,3 +724,27 @@ def test_data_parallel_prefill_throttling_defers_prefills_beside_a_decode():
     driver.throttle_prefills = False
     driver.run_until_idle()
     assert_idle_and_clean(driver)
+
+
+@pytest.mark.skipif(not vllm_in(since="0.33"), reason="vLLM 0.33 added the local prefill cadence")
+def test_prefill_cadence_holds_prefill_for_the_same_engine_steps_as_vllm():
+    """--prefill-schedule-interval 4: vLLM holds prefill while a request decodes until 4 executed steps have passed
+    since the last prefill step. RAPID runs vLLM's pass twice per engine step, so it applies the rule itself, per
+    engine step: its prefill batches launch on exactly the steps where vLLM's scheduler prefills."""
+    setup = SchedulerSetup(prefill_schedule_interval=4)
+
+    def arrivals() -> dict[int, list[Request]]:
+        reqs = make_requests(prompts_of_lengths([20, 30, 40, 50, 60], seed=7), greedy(24))
+        return {0: reqs[:1], 2: reqs[1:2], 3: reqs[2:3], 6: reqs[3:4], 11: reqs[4:]}
+
+    rapid, reference = run_on_both(setup, arrivals)
+    vllm_prefill_steps = [
+        k for k, record in enumerate(reference.records)
+        if record.scheduler_output.scheduled_new_reqs or any(n > 1 for n in record.decode_batch.values())
+    ]
+    rapid_prefill_steps = [k for k, record in enumerate(rapid.records) if record.prefill_launch is not None]
+    assert vllm_prefill_steps == [0, 4, 8, 12]  # arrivals at steps 2, 3, 6 and 11 held
+    assert rapid_prefill_steps == vllm_prefill_steps
+    assert rapid.tokens == reference.tokens and rapid.finish_reasons == reference.finish_reasons
+    assert rapid.scheduler.num_executed_steps == reference.scheduler.num_executed_steps  # engine steps, not passes
+    assert_idle_and_clean(rapid)

@@ -52,6 +52,7 @@ from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 
 from vllm_rapid.config import RapidConfig
+from vllm_rapid.core.compat import EXTRA_WAITING_QUEUES, HAS_PREV_STEP_SCHEDULED_REQ_IDS, PrefillCadence
 from vllm_rapid.core.encoder_inputs import encoder_outputs_of, forget_encoder_outputs, hand_on_evictions
 from vllm_rapid.core.runner_handoff import DecodeRunnerHandoff
 from vllm_rapid.lanes.arm import ArmInputs, DecodeObservation
@@ -124,6 +125,8 @@ class RapidScheduler(Scheduler):
         # Requests refused at arrival (a feature RAPID does not support per request), failed at the next update.
         self._refused: dict[str, str] = {}
         self._num_added = 0
+        # vLLM 0.33's --prefill-schedule-interval, applied once per engine step (its counters would advance per pass).
+        self._cadence = PrefillCadence(self)
         # V2 model runners: the decode runner resumes each request the prefill lane finished (no state object moves).
         self._handoff = DecodeRunnerHandoff(self.model_uses_mrope)
         # The decode pass delays publication to the prefix cache until its step has written the blocks.
@@ -173,6 +176,7 @@ class RapidScheduler(Scheduler):
         defer_prefills = throttle_prefills and not self.prefill_capacity_bound and any(
             not r.is_prefill_chunk for r in self.running
         )
+        defer_prefills = defer_prefills or self._cadence.holds(self.prefill_capacity_bound, self.running)
         capacity_bound = self.prefill_capacity_bound
         decode, decode_preempted = self._schedule_lane(LaneName.DECODE, throttle_prefills)
         if getattr(self, "use_v2_model_runner", True):  # vLLM 0.34's scheduler has no V1 runner to tell apart
@@ -188,6 +192,7 @@ class RapidScheduler(Scheduler):
                 launch = self._launch_prefill(prefill)
             else:
                 hand_on_evictions(decode, prefill)
+        self._cadence.count(decode.total_num_scheduled_tokens + (launch is not None), launch is not None)
         step = RapidSchedulerOutput.wrap(
             decode,
             grammar=self._grammar_of(decode),
@@ -245,13 +250,17 @@ class RapidScheduler(Scheduler):
         for request in all_running:
             (others if self.in_prefill_lane(request) == is_decode else lane_reqs).append(request)
         saved = (self.waiting, self.kv_holding_waiting, self.max_num_scheduled_tokens, self.max_num_active_reqs)
+        saved_queues = {name: getattr(self, name) for name in EXTRA_WAITING_QUEUES}
         self.running = lane_reqs
-        self.prev_step_scheduled_req_ids = self._prev_ids_by_lane[lane]
+        if HAS_PREV_STEP_SCHEDULED_REQ_IDS:
+            self.prev_step_scheduled_req_ids = self._prev_ids_by_lane[lane]
         self._pass = lane
         if is_decode:
             # Decode admits nobody; whatever it preempts lands in this queue and goes back to the real one.
             self.waiting = create_request_queue(self.policy)
             self.kv_holding_waiting = create_request_queue(self.policy)
+            for name in saved_queues:
+                setattr(self, name, create_request_queue(self.policy))
             self._other_lane = others
             self._running_order = {id(r): i for i, r in enumerate(all_running)}
         else:
@@ -262,6 +271,8 @@ class RapidScheduler(Scheduler):
         finally:
             lane_after, preempted = self.running, self.waiting
             self.waiting, self.kv_holding_waiting, self.max_num_scheduled_tokens, self.max_num_active_reqs = saved
+            for name, queue in saved_queues.items():
+                setattr(self, name, queue)
             self._pass, self._other_lane = None, []
             if is_decode and preempted:
                 # vLLM prepends each victim to the waiting queue as it preempts it; prepend_requests reverses.

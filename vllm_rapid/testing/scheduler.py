@@ -38,6 +38,7 @@ from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 from vllm.v1.structured_output import StructuredOutputManager
 
+from vllm_rapid.core.compat import model_runner_output
 from vllm_rapid.core.scheduler import RapidScheduler
 from vllm_rapid.metrics.lane_stats import LaneStats
 from vllm_rapid.protocol import PrefillLaunch, PrefillResult, RapidModelRunnerOutput, RapidSchedulerOutput
@@ -70,6 +71,7 @@ class SchedulerSetup:
     policy: Literal["fcfs", "priority"] = "fcfs"
     long_prefill_token_threshold: int = 0
     disable_chunked_mm_input: bool = False
+    prefill_schedule_interval: int = 1  # vLLM 0.33+: hold prefill until N steps since the last prefill step
     rapid: Mapping[str, Any] = field(default_factory=dict)  # additional_config={"rapid": {...}}
     # A model directory (a multimodal model's processor needs its tokenizer, so it is loaded); None: the tiny Llama.
     model: str | None = None
@@ -87,6 +89,7 @@ class SchedulerSetup:
             enable_chunked_prefill=self.enable_chunked_prefill,
             long_prefill_token_threshold=self.long_prefill_token_threshold,
             disable_chunked_mm_input=self.disable_chunked_mm_input,
+            prefill_schedule_interval=self.prefill_schedule_interval,
             is_encoder_decoder=False,
             watermark=0.0,  # admission and preemption exactly at the block count
             policy=self.policy,
@@ -299,9 +302,7 @@ class StepDriver:
         for req_id in req_ids:
             request = self.scheduler.requests[req_id]
             sampled.append([] if request.is_prefill_chunk else [self.next_token(request)])
-        return ModelRunnerOutput(
-            req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)}, sampled_token_ids=sampled
-        )
+        return model_runner_output(req_ids, sampled_token_ids=sampled)
 
     def _finish_step(
         self, scheduler_output: SchedulerOutput, model_output: ModelRunnerOutput, abort: Iterable[str]
