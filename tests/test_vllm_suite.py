@@ -6,12 +6,14 @@ presents RAPID's two-batch step as vLLM's one-batch step, and the selection's co
 
 from __future__ import annotations
 
-from vllm.v1.outputs import ModelRunnerOutput
+import pytest
 from vllm.v1.structured_output import StructuredOutputManager
 
+from vllm_rapid.core.compat import model_runner_output
 from vllm_rapid.testing.scheduler import SchedulerSetup, make_requests, prompts_of_lengths
 from vllm_rapid.testing.vllm_suite import selection
 from vllm_rapid.testing.vllm_suite.adapter import CombinedRapidScheduler, CombinedSchedulerOutput
+from vllm_rapid.testing.vllm_suite.sdist import SDISTS
 
 
 def make_combined(**changes) -> CombinedRapidScheduler:
@@ -31,9 +33,7 @@ def run_step(scheduler: CombinedRapidScheduler, token: int = 7) -> CombinedSched
     output = scheduler.schedule()
     req_ids = list(output.num_scheduled_tokens)
     sampled = [[] if scheduler.requests[r].is_prefill_chunk else [token] for r in req_ids]
-    scheduler.update_from_output(
-        output, ModelRunnerOutput(req_ids, {r: i for i, r in enumerate(req_ids)}, sampled_token_ids=sampled)
-    )
+    scheduler.update_from_output(output, model_runner_output(req_ids, sampled_token_ids=sampled))
     return output
 
 
@@ -70,11 +70,14 @@ def test_every_request_finishes_and_every_block_comes_back():
     assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1
 
 
-def test_selection_is_consistent():
-    selected = [*selection.SCHEDULER_TESTS, *selection.ENGINE_TESTS]
+@pytest.mark.parametrize("version", selection.SELECTIONS)
+def test_selection_is_consistent(version):
+    chosen = selection.for_version(version)
+    assert version in SDISTS  # its tests come from a pinned sdist
+    selected = [*chosen.scheduler_tests, *chosen.engine_tests]
     assert len(selected) == len(set(selected))
-    for entry, reason in {**selection.BY_DESIGN, **selection.RAPID_BUGS}.items():
+    for entry, reason in {**chosen.by_design, **chosen.rapid_bugs}.items():
         assert reason.strip(), entry
-        assert selection.group_of(entry) is not None or any(selection.matches(entry, e) for e in selected), entry
-    assert not set(selection.BY_DESIGN) & set(selection.RAPID_BUGS)
-    assert all(f.startswith("tests/") and f.endswith(".py") for f in selection.files_to_collect())
+        assert chosen.group_of(entry) is not None or any(selection.matches(entry, e) for e in selected), entry
+    assert not set(chosen.by_design) & set(chosen.rapid_bugs)
+    assert all(f.startswith("tests/") and f.endswith(".py") for f in chosen.files_to_collect())

