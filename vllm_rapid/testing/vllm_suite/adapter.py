@@ -34,6 +34,9 @@ _PER_STEP_OUTPUT_FIELDS = ("kv_connector_output", "ec_connector_output", "cudagr
 _SET_AFTER_SCHEDULING = ("scheduled_spec_decode_tokens", "num_invalid_spec_tokens")
 # A setting, not a count: each lane's pass picks it for its own batch.
 _PER_BATCH_SETTING = "num_spec_tokens_to_schedule"
+# vLLM 0.34: the runner may skip drafting for a batch none of whose requests can use drafts; the merged batch may
+# only if every lane that scheduled work may (each RAPID lane's runner gets its own batch's flag).
+_SKIP_FLAG = "skip_drafts"
 
 
 @dataclass
@@ -72,6 +75,8 @@ class CombinedRapidScheduler(RapidScheduler):
         if len(settings) > 1:
             raise ValueError(f"the lanes' batches chose different {_PER_BATCH_SETTING}: {sorted(settings)}")
         merged[_PER_BATCH_SETTING] = settings.pop()
+        if _SKIP_FLAG in merged:
+            merged[_SKIP_FLAG] = all(getattr(o, _SKIP_FLAG) for o in busy)
         return CombinedSchedulerOutput(**merged, rapid_step=step)
 
     def get_grammar_bitmask(self, scheduler_output: SchedulerOutput) -> GrammarOutput | None:
