@@ -81,8 +81,12 @@ def decode_while_prefilling(llm: LLM, first: list, second: list, params: Samplin
 def assert_idle_and_clean(llm: LLM) -> None:
     """No request left anywhere, every KV block back in the pool, no runner state left in either lane."""
     sched = scheduler_of(llm)
-    if sched.has_finished_requests():
-        llm.llm_engine.step()  # the step that tells the runners which requests finished (a server loop makes it)
+    # The steps a server's engine loop still makes: it steps while the scheduler has work, which includes a prefill
+    # batch in flight whose requests were all aborted, and the step that tells the runners which requests finished.
+    for _ in range(1000):
+        if not (sched.has_requests() or sched.has_finished_requests()):
+            break
+        llm.llm_engine.step()
     assert not sched.running and not sched.waiting and not sched.requests
     assert sched.inflight_prefill is None
     assert sched.get_kv_cache_usage() == 0.0
