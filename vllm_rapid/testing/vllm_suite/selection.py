@@ -3,6 +3,10 @@
 An entry is a pytest node id relative to the sdist's root: ``FILE`` (every test in it), ``FILE::TEST`` (every
 parametrization) or ``FILE::TEST[PARAMS]``.
 
+Each vLLM release with a pinned sdist (``sdist.SDISTS``) has its own ``Selection`` (``SELECTIONS``); the runner and
+the plugin pick the installed vLLM's. 0.34 selects scheduler tests only: no engine runs on its CUDA wheel without a
+GPU (and none of its scheduler tests needs triton-cpu, which its x86 CPU platform wants for engines).
+
 * Scheduler tests build a Scheduler through vLLM's test helpers (``tests/v1/core/utils.py`` ``create_scheduler``,
   or the test module's own, e.g. ``create_scheduler_with_priority``). Not selected: tests of what ``--scheduler
   rapid`` refuses (``vllm_rapid.patch.engine_args.REFUSALS``: PP and its concurrent batches, KV/EC connectors,
