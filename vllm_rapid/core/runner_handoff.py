@@ -45,16 +45,12 @@ class DecodeRunnerHandoff:
         if not arriving:
             return decode
         # vLLM has already advanced each request's computed tokens past this step: the runner needs them before it.
-        resumed = [
-            dataclasses.replace(
-                NewRequestData.from_request(
-                    requests[cached.req_ids[i]], block_ids_of(cached.req_ids[i]),
-                    _all_token_ids(requests[cached.req_ids[i]]), uses_mrope=self.uses_mrope,
-                ),
-                num_computed_tokens=cached.num_computed_tokens[i],
-            )
-            for i in arriving
-        ]
+        resumed = []
+        for i in arriving:
+            request = requests[cached.req_ids[i]]
+            new = NewRequestData.from_request(request, block_ids_of(request.request_id), _all_token_ids(request),
+                                              uses_mrope=self.uses_mrope)
+            resumed.append(dataclasses.replace(new, num_computed_tokens=cached.num_computed_tokens[i]))
         return dataclasses.replace(
             decode,
             scheduled_new_reqs=[*decode.scheduled_new_reqs, *resumed],
