@@ -111,14 +111,3 @@ def test_the_stats_patch_skips_an_unsupported_vllm(monkeypatch):
     monkeypatch.setattr(vllm, "__version__", "0.32.0")
     patch_scheduler_stats(module)
     assert has_plugin_stats(module.SchedulerStats)
-
-
-def test_vllm_034_refuses_rapid_engines_until_the_v2_port(tiny_model, monkeypatch):
-    """0.34 has no V1 model runner, which the lanes still run on: one clear message, not vLLM's V1 error."""
-    import vllm
-    from vllm.engine.arg_utils import EngineArgs
-
-    monkeypatch.setattr(vllm, "__version__", "0.34.0")
-    with pytest.raises(ValueError, match=r"cannot start on vLLM 0\.34\.0 yet: its lanes run on vLLM's V1 model"):
-        EngineArgs(model=tiny_model, load_format="dummy", dtype="float32", max_model_len=1024,
-                   kv_cache_memory_bytes=16 << 20, scheduler="rapid").create_engine_config()

@@ -24,7 +24,7 @@ from typing import Any
 from vllm_rapid.config import ADDITIONAL_CONFIG_KEY, RapidConfig
 from vllm_rapid.patch.internals import require_vllm_internals
 from vllm_rapid.patch.registry import Stage
-from vllm_rapid.patch.versions import require_supported_vllm, vllm_in, vllm_version
+from vllm_rapid.patch.versions import require_supported_vllm
 
 SCHEDULERS: dict[str, str | None] = {
     "default": None,
@@ -152,14 +152,6 @@ def prepare_rapid_engine(engine_args: Any, rapid: RapidConfig) -> None:
     engine_args.async_scheduling = False  # the prefill lane is the overlap; engine steps stay synchronous
     _unbind_cpu_omp_threads()
     _check_cpu_layout(rapid)
-    if vllm_in(since="0.34"):
-        raise ValueError(
-            f"--scheduler rapid cannot start on vLLM {vllm_version()} yet: its lanes run on vLLM's V1 model runner, "
-            "which 0.34 removed (the port to the V2 runner is under way, README: Model runner V2); use vLLM 0.32 or "
-            "0.33, or --scheduler default"
-        )
-    if _env_default("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("0", "false", "False"):
-        raise ValueError("--scheduler rapid needs vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER")
 
 
 def _env_default(name: str, value: str) -> str:

@@ -89,11 +89,11 @@ PATCHES: tuple[Patch, ...] = (
         name="rapid-engine-settings",
         stage=Stage.ENGINE_ARGS,
         target="EngineArgs.worker_cls / async_scheduling of a RAPID engine, additional_config['rapid'] (resolved "
-        "once), os.environ defaults VLLM_USE_V2_MODEL_RUNNER=0 and (CPU) VLLM_CPU_OMP_THREADS_BIND=nobind",
+        "once), os.environ default (CPU) VLLM_CPU_OMP_THREADS_BIND=nobind",
         why="the lanes live in RAPID's worker and overlap prefill and decode themselves (synchronous engine steps); "
-        "the worker builds a second V1 runner; on CPU two OpenMP teams with vLLM's per-rank core binding corrupt "
+        "the worker builds a second runner; on CPU two OpenMP teams with vLLM's per-rank core binding corrupt "
         "the heap; every process reads the same resolved RAPID options",
-        until="async scheduling and the V2 runner are supported by the lanes (see README, support table)",
+        until="async scheduling is supported by the lanes (see README, support table)",
         applied_by="vllm_rapid.patch.engine_args:prepare_rapid_engine",
     ),
     Patch(

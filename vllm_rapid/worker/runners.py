@@ -53,9 +53,12 @@ def run_lane_step(
 
 
 def encoder_outputs(runner: Any) -> dict[str, Any]:
-    """The runner's encoder outputs by multimodal hash (V2 keeps them inside its ``EncoderCache``)."""
+    """The runner's encoder outputs by multimodal hash (V2 keeps them inside its ``EncoderCache``, which a model
+    without a multimodal encoder does not have)."""
     cache = runner.encoder_cache
-    return cache.encoder_outputs if is_v2(runner) else cache
+    if not is_v2(runner):
+        return cache
+    return {} if cache is None else cache.encoder_outputs
 
 
 def load_prefill_model(prefill_runner: Any, primary: Any) -> None:
