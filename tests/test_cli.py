@@ -15,7 +15,8 @@ import pytest
 from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
 
 from vllm_rapid.config import CONFIG_ENV, RapidConfig, RapidConfigError
-from vllm_rapid.patch.engine_args import RAPID_SCHEDULER, RAPID_WORKER
+from vllm_rapid.patch.engine_args import RAPID_WORKER
+from vllm_rapid.policy import RAPID_SCHEDULER
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 RAPID_YAML = EXAMPLES / "rapid.yaml"
@@ -253,7 +254,7 @@ def test_rapid_section_of_wrong_type(tiny_model, no_rapid_env):
 
 def test_a_rapid_subclass_given_by_class_path_runs_as_rapid(tiny_model, no_rapid_env):
     """``--scheduler-cls pkg.MyRapidScheduler`` gets the lane worker, the RAPID settings and the metrics."""
-    from vllm_rapid.patch.engine_args import is_rapid
+    from vllm_rapid.policy import is_rapid
 
     path = "custom_scheduler.MyRapidScheduler"
     assert is_rapid(path) and not is_rapid("vllm.v1.core.sched.scheduler.Scheduler") and not is_rapid(None)

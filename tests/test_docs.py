@@ -73,7 +73,7 @@ def test_every_working_feature_names_tests_that_exist():
 
 
 def test_every_start_up_refusal_is_in_the_support_table():
-    from vllm_rapid.patch.engine_args import REFUSALS
+    from vllm_rapid.policy import REFUSALS
 
     refused = {feature for feature, status, _ in _support_rows() if status.startswith("refused")}
     for refusal in REFUSALS:

@@ -313,7 +313,7 @@ def test_what_rapid_still_refuses_of_multimodal_serving(tiny_vlm):
     """A decoder-only VLM starts; encoder-cache transfer and custom encoder cache managers are refused with why."""
     from vllm.config import ECTransferConfig
 
-    from vllm_rapid.patch.engine_args import check_rapid_config
+    from vllm_rapid.policy import check_rapid_config
 
     config = vlm_setup(tiny_vlm).vllm_config()
     check_rapid_config(config)

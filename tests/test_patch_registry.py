@@ -127,3 +127,15 @@ def test_the_scan_sees_the_patches_that_patch_modules_make():
     for expected in ("forward_context.py", "cpu_kernels.py", "process.py", "engine_args.py", "versions.py",
                      "runner.py", "kv_publication.py", "cli_version.py", "workspace.py"):
         assert expected in found, expected
+
+
+def test_patch_imports_nothing_from_core():
+    """patch/ changes vLLM; core/ is RAPID's scheduler, built on those changes: never the other way round."""
+    imports = []
+    for path in (PACKAGE / "patch").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            imports += [f"{path.relative_to(ROOT)}:{node.lineno} {m}" for m in modules
+                        if m.startswith("vllm_rapid.core")]
+    assert not imports

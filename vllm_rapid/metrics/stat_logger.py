@@ -27,7 +27,7 @@ from vllm_rapid.config import RapidConfig
 from vllm_rapid.lanes.arm import ArmReason
 from vllm_rapid.lanes.lane import LaneName
 from vllm_rapid.metrics.lane_stats import LaneStats
-from vllm_rapid.patch.engine_args import is_rapid
+from vllm_rapid.policy import is_rapid
 
 LABELS = ("model_name", "engine")
 STEP_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

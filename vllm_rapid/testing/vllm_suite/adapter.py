@@ -23,7 +23,7 @@ from vllm.v1.kv_cache_interface import KVCacheConfig, MambaSpec
 from vllm.v1.outputs import ModelRunnerOutput
 
 from vllm_rapid.core.scheduler import RapidScheduler
-from vllm_rapid.patch.engine_args import check_rapid_config
+from vllm_rapid.policy import check_rapid_config
 from vllm_rapid.protocol import PrefillResult, RapidModelRunnerOutput, RapidSchedulerOutput
 
 # Per-step (not per-request) fields of a ModelRunnerOutput: they belong to the decode part, whose update makes

@@ -78,7 +78,7 @@ class RapidSuite:
             yield
 
     def _counted(self, create_engine_config):
-        from vllm_rapid.patch.engine_args import is_rapid
+        from vllm_rapid.policy import is_rapid
 
         @functools.wraps(create_engine_config)
         def create_and_count(engine_args: Any, *args: Any, **kwargs: Any):

@@ -9,7 +9,7 @@ GPU (and none of its scheduler tests needs triton-cpu, which its x86 CPU platfor
 
 * Scheduler tests build a Scheduler through vLLM's test helpers (``tests/v1/core/utils.py`` ``create_scheduler``,
   or the test module's own, e.g. ``create_scheduler_with_priority``). Not selected: tests of what ``--scheduler
-  rapid`` refuses (``vllm_rapid.patch.engine_args.REFUSALS``: PP and its concurrent batches, KV/EC connectors,
+  rapid`` refuses (``vllm_rapid.policy.REFUSALS``: PP and its concurrent batches, KV/EC connectors,
   draft-model speculative decoding, LoRA, multimodal, hybrid/Mamba; async scheduling, streaming input and the V2
   model runner with its routed-experts output), and tests that build no scheduler.
 * Engine tests run offline on the tiny Llama (every name in ``MODELS`` is it) with ``scheduler="rapid"``: only
