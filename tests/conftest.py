@@ -10,6 +10,16 @@ import pytest
 # its KV-cache manager directly. Workers still run in their own process, as in production.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
+if os.environ.get("VLLM_RAPID_TEST_RUNNER") == "v2":
+    # The engine tests on vLLM's model runner V2, its Triton kernels in Triton's interpreter (vllm_rapid.testing.
+    # v2_cpu): set for this process before vLLM is imported, and for every process it starts.
+    import runpy
+
+    from vllm_rapid.testing.v2_cpu import SITE, v2_cpu_env
+
+    os.environ.update(v2_cpu_env())
+    runpy.run_path(str(SITE / "sitecustomize.py"))  # what Python runs at start-up in the processes this one starts
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:

@@ -16,31 +16,71 @@ import sys
 import threading
 from typing import Any
 
-_PYTORCH_TOP_K_TOP_P = "vllm.v1.sample.ops.topk_topp_sampler"
 
-
-class _TopKTopPInPyTorch(importlib.abc.MetaPathFinder):
+def _top_k_top_p_in_pytorch(module: Any) -> None:
     """vLLM's top-k/top-p Triton kernel loops over ``tl.range``, whose indices the interpreter gives as Python ints
-    (``row_id.to(...)`` fails): the sampler module is made to take vLLM's PyTorch path, as it does without Triton."""
+    (``row_id.to(...)`` fails): the sampler takes vLLM's PyTorch path, as it does without Triton."""
+    module.HAS_TRITON = False
+
+
+class _GrammarBitmaskInPyTorch:
+    """vLLM's V2 grammar-bitmask kernel (``structured_outputs._apply_grammar_bitmask_kernel``) in PyTorch: the
+    interpreter refuses its scalar-and-block mask ("mask has unsupported dtype"). Same arguments, same effect."""
+
+    def __getitem__(self, grid: Any) -> Any:
+        return self.apply
+
+    @staticmethod
+    def apply(logits: Any, logits_stride: int, logits_indices: Any, cu_num_logits: Any, bitmask: Any,
+              bitmask_stride: int, vocab_size: int, MASK_STRIDE: int, BLOCK_SIZE: int) -> None:  # noqa: N803
+        import torch
+
+        bits = torch.arange(32, dtype=torch.int32)
+        cu = cu_num_logits.tolist()
+        for i, mapping in enumerate(logits_indices.tolist()):
+            req, position = divmod(mapping, MASK_STRIDE)
+            if position >= cu[req + 1] - cu[req]:
+                continue
+            disallowed = (((bitmask[i][:, None] >> bits) & 1) == 0).reshape(-1)[:vocab_size]
+            logits[cu[req] + position, :vocab_size].masked_fill_(disallowed, -float("inf"))
+
+
+def _grammar_bitmask_in_pytorch(module: Any) -> None:
+    module._apply_grammar_bitmask_kernel = _GrammarBitmaskInPyTorch()
+
+
+_AFTER_IMPORT = {
+    "vllm.v1.sample.ops.topk_topp_sampler": _top_k_top_p_in_pytorch,
+    "vllm.v1.worker.gpu.structured_outputs": _grammar_bitmask_in_pytorch,
+}
+
+
+class _ChangeAfterImport(importlib.abc.MetaPathFinder):
+    """Runs ``_AFTER_IMPORT[name]`` on a module once Python has executed it (the kernels the interpreter cannot run
+    are replaced there)."""
 
     def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
-        if name != _PYTORCH_TOP_K_TOP_P:
+        change = _AFTER_IMPORT.get(name)
+        if change is None:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
+        sys.meta_path.remove(self)  # the module's own spec, found by the other finders
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
         if spec is not None and spec.loader is not None:
             exec_module = spec.loader.exec_module
 
-            def exec_without_triton(module: Any) -> None:
+            def exec_and_change(module: Any) -> None:
                 exec_module(module)
-                module.HAS_TRITON = False
+                change(module)
 
-            spec.loader.exec_module = exec_without_triton  # type: ignore[method-assign]
+            spec.loader.exec_module = exec_and_change  # type: ignore[method-assign]
         return spec
 
 
 if os.environ.get("TRITON_INTERPRET") == "1":
-    sys.meta_path.insert(0, _TopKTopPInPyTorch())
+    sys.meta_path.insert(0, _ChangeAfterImport())
     try:
         import triton.backends as _backends
         from triton.backends.driver import DriverBase as _DriverBase
