@@ -7,8 +7,11 @@ prefill lane), ``n>0`` a decode step. Like any user-supplied processor, it runs 
 
 from __future__ import annotations
 
+import os
+
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
+from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as V2LogitsProcessor
 
 
 class InjectedFailure(RuntimeError):
@@ -30,3 +33,32 @@ class FailOnRequest(AdapterLogitsProcessor):
             return logits
 
         return fail
+
+
+class FailOnRequestV2(V2LogitsProcessor):
+    """``FailOnRequest`` in the V2 runner's interface: state per request slot, batch rows mapped to slots."""
+
+    def __init__(self, vllm_config, req_states) -> None:
+        self.prompt_len = req_states.prompt_len
+        self.fail_after: dict[int, int] = {}
+
+    def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
+        after = (sampling_params.extra_args or {}).get("fail_after_tokens")
+        if after is None:
+            self.fail_after.pop(req_idx, None)
+            return False
+        self.fail_after[req_idx] = after
+        return True
+
+    def apply(self, logits, ctx):
+        for slot, seq_len in zip(ctx.idx_mapping_np.tolist(), ctx.seq_lens_upper_bound_np.tolist()):
+            after = self.fail_after.get(slot)
+            num_output = seq_len - int(self.prompt_len.np[slot])
+            if after is not None and num_output >= after:
+                raise InjectedFailure(f"injected failure after {num_output} output tokens")
+        return logits
+
+
+def failing_logits_processor() -> type:
+    """The failing processor in the interface of the model runner the engines of this test session build."""
+    return FailOnRequestV2 if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "1" else FailOnRequest

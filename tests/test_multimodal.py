@@ -203,10 +203,10 @@ def default_vlm(tiny_vlm):
 
 @pytest.fixture(scope="module")
 def rapid_vlm(tiny_vlm):
-    from failing_logits import FailOnRequest
+    from failing_logits import failing_logits_processor
     from test_rapid_engine import make_llm
 
-    engine = ENGINE | {"engine_kwargs": ENGINE["engine_kwargs"] | {"logits_processors": [FailOnRequest]}}
+    engine = ENGINE | {"engine_kwargs": ENGINE["engine_kwargs"] | {"logits_processors": [failing_logits_processor()]}}
     return make_llm(tiny_vlm, "rapid", idle_wait_ms=0.01, **engine)
 
 

@@ -290,9 +290,9 @@ def _fail_after(n: int, max_tokens: int = 12) -> SamplingParams:
 
 @pytest.fixture(scope="module")
 def failing_llm(tiny_model):
-    from failing_logits import FailOnRequest
+    from failing_logits import failing_logits_processor
 
-    return make_llm(tiny_model, "rapid", engine_kwargs={"logits_processors": [FailOnRequest]})
+    return make_llm(tiny_model, "rapid", engine_kwargs={"logits_processors": [failing_logits_processor()]})
 
 
 def test_a_failed_prefill_batch_fails_only_its_requests(failing_llm, default_llm):

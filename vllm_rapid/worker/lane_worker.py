@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 from concurrent import futures
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -40,7 +39,7 @@ from vllm_rapid.worker.decode_graphs import DecodeGraphs, partition_graph_bytes
 from vllm_rapid.worker.encoder_cache import PrefillEncoderCache
 from vllm_rapid.worker.lane_control import LaneController, worker_cpu_cores
 from vllm_rapid.worker.lane_states import LaneStates, ResumedLaneStates
-from vllm_rapid.worker.runners import encoder_outputs, is_v2, load_prefill_model, run_lane_step
+from vllm_rapid.worker.runners import decode_batch_probe, encoder_outputs, is_v2, load_prefill_model, run_lane_step
 from vllm_rapid.worker.tp_group import create_lane_tp_group, current_tp_group_name
 from vllm_rapid.worker.workspace_lanes import grow_prefill_workspace
 
@@ -157,17 +156,7 @@ class RapidWorker(PlatformWorker):
         return times
 
     def _decode_batch_peak_bytes(self) -> int:
-        # At least two tokens: if this is the model's first forward (vLLM's CPU CI skips its warm-up), torch.compile
-        # would specialize a one-token dimension and reuse that graph for the prefill lane's batches. With one
-        # sequence at most, that is one request of two tokens (a uniform decode batch of one has one token).
-        if self.v2:
-            # V2's dummy run needs the block tables, which exist only once the KV cache is: not measured yet, so the
-            # decode batch is not part of the reserve on the V2 runner (issue 17 leaves this open).
-            logger.warning("RAPID: the decode batch's memory is not measured on vLLM's V2 model runner yet")
-            return 0
-        num_seqs = self.scheduler_config.max_num_seqs
-        probe = functools.partial(self.model_runner._dummy_run, max(2, num_seqs), uniform_decode=num_seqs > 1,
-                                  is_profile=True)
+        probe = decode_batch_probe(self.model_runner, self.scheduler_config.max_num_seqs)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()

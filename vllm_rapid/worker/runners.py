@@ -11,12 +11,14 @@ the platform's, so every lane step, state move and KV set-up asks this module wh
   ``vllm_rapid.core.runner_handoff``), and the prefill runner drops it (``ResumedLaneStates``).
 * V2 samples into an ``AsyncOutput`` (the worker waits for it) and pools with ``pool()``; its seeded sampling is
   stateless (seed and position), so there is no generator to carry and none to rewind on CPU.
+* V2's dummy run needs block tables for attention, so the decode batch's memory is probed without it.
 * V2 allocates KV tensors in ``attn_utils.allocate_kv_cache``, V1 in ``initialize_kv_cache_tensors``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any
 
 import torch
@@ -68,3 +70,17 @@ def load_prefill_model(prefill_runner: Any, primary: Any) -> None:
         prefill_runner.load_model(model=primary.get_model())
     else:
         prefill_runner.model = primary.get_model()
+
+
+def decode_batch_probe(runner: Any, num_seqs: int) -> Any:
+    """A dummy forward of the largest decode batch, for measuring its memory before the KV cache exists. V2's dummy
+    run needs block tables for attention, which exist only with the KV cache: it skips attention, as V2's own
+    profile run does (a decode batch's attention scratch is small beside its activations)."""
+    # At least two tokens: if this is the model's first forward (vLLM's CPU CI skips its warm-up), torch.compile
+    # would specialize a one-token dimension and reuse that graph for the prefill lane's batches. With one
+    # sequence at most, that is one request of two tokens (a uniform decode batch of one has one token).
+    num_tokens, uniform = max(2, num_seqs), num_seqs > 1
+    if is_v2(runner):
+        return functools.partial(runner._dummy_run, num_tokens, uniform_decode=uniform, skip_attn=True,
+                                 is_profile=True)
+    return functools.partial(runner._dummy_run, num_tokens, uniform_decode=uniform, is_profile=True)
