@@ -18,18 +18,26 @@ class InjectedFailure(RuntimeError):
     """Raised on purpose by ``FailOnRequest``."""
 
 
+def _fail_after(params: SamplingParams) -> int | None:
+    return (params.extra_args or {}).get("fail_after_tokens")
+
+
+def _fail_if(after: int | None, num_output: int) -> None:
+    if after is not None and num_output >= after:
+        raise InjectedFailure(f"injected failure after {num_output} output tokens")
+
+
 class FailOnRequest(AdapterLogitsProcessor):
     def is_argmax_invariant(self) -> bool:
         return False  # so it runs for greedy requests too
 
     def new_req_logits_processor(self, params: SamplingParams):
-        after = (params.extra_args or {}).get("fail_after_tokens")
+        after = _fail_after(params)
         if after is None:
             return None
 
         def fail(output_ids, logits):
-            if len(output_ids) >= after:
-                raise InjectedFailure(f"injected failure after {len(output_ids)} output tokens")
+            _fail_if(after, len(output_ids))
             return logits
 
         return fail
@@ -43,7 +51,7 @@ class FailOnRequestV2(V2LogitsProcessor):
         self.fail_after: dict[int, int] = {}
 
     def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
-        after = (sampling_params.extra_args or {}).get("fail_after_tokens")
+        after = _fail_after(sampling_params)
         if after is None:
             self.fail_after.pop(req_idx, None)
             return False
@@ -52,10 +60,7 @@ class FailOnRequestV2(V2LogitsProcessor):
 
     def apply(self, logits, ctx):
         for slot, seq_len in zip(ctx.idx_mapping_np.tolist(), ctx.seq_lens_upper_bound_np.tolist()):
-            after = self.fail_after.get(slot)
-            num_output = seq_len - int(self.prompt_len.np[slot])
-            if after is not None and num_output >= after:
-                raise InjectedFailure(f"injected failure after {num_output} output tokens")
+            _fail_if(self.fail_after.get(slot), seq_len - int(self.prompt_len.np[slot]))
         return logits
 
 
